@@ -1,0 +1,144 @@
+"""`posebert shards {synth,video,h36m,verify,stats}`: build, check and describe shard sets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from data_shards.write import WriterConfig
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _add_writer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output root; splits go to OUT/<split>/")
+    p.add_argument("--shard-samples", type=_positive_int, default=64, help="samples per shard")
+    p.add_argument("--shard-mb", type=_positive_int, default=256, help="MB per shard at most")
+    p.add_argument("--jpeg-quality", type=_positive_int, default=90)
+    p.add_argument("--overwrite", action="store_true", help="replace existing splits")
+
+
+def _add_window_flags(p: argparse.ArgumentParser, fps: float | None) -> None:
+    p.add_argument("--frames", type=_positive_int, default=16, help="T: frames per window")
+    p.add_argument("--stride", type=_positive_int, default=None, help="window stride (T/2)")
+    p.add_argument("--size", type=_positive_int, default=128, help="square frame size in px")
+    p.add_argument("--fps", type=_positive_float, default=fps, help="resample to this frame rate")
+
+
+def _writer_config(args: argparse.Namespace) -> WriterConfig:
+    return WriterConfig(
+        max_samples=args.shard_samples,
+        max_bytes=args.shard_mb * 1024**2,
+        jpeg_quality=args.jpeg_quality,
+        overwrite=args.overwrite,
+    )
+
+
+def register(stages: argparse._SubParsersAction) -> None:
+    shards = stages.add_parser("shards", help="build, verify and describe shard sets")
+    cmds = shards.add_subparsers(dest="command", required=True, parser_class=type(shards))
+
+    p = cmds.add_parser("synth", help="render the embedded DeepMimic motion into shards")
+    _add_writer_flags(p)
+    _add_window_flags(p, fps=50.0)
+    p.add_argument("--clips", type=_names, default=None, help="comma-separated (all 15)")
+    p.add_argument("--views", type=_positive_int, default=4, help="cameras around the subject")
+    p.add_argument("--appearances", type=_positive_int, default=1, help="renders per window")
+    p.add_argument("--val-clips", type=_names, default=None, help="held-out validation clips")
+    p.add_argument("--test-clips", type=_names, default=None, help="held-out test clips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1)
+    p.set_defaults(handler=cmd_synth)
+
+    p = cmds.add_parser("video", help="ingest ordinary video files (V=1, no 3D labels)")
+    p.add_argument("files", nargs="+", help="video files (anything PyAV decodes)")
+    _add_writer_flags(p)
+    _add_window_flags(p, fps=None)
+    p.add_argument("--keypoints", default=None, help="2D keypoints: a file, or a dir of STEM.npy")
+    p.add_argument("--action", default="unlabeled", help="action label of these videos")
+    p.add_argument("--split", default="train", help="split name to write")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="share of FILES held out")
+    p.set_defaults(handler=cmd_video)
+
+    p = cmds.add_parser("h36m", help="ingest Human3.6M (VideoPose3D-style .npz + frames)")
+    p.add_argument("--npz3d", required=True, help="data_3d_h36m.npz")
+    p.add_argument("--npz2d", default=None, help="data_2d_h36m_<detector>.npz")
+    p.add_argument("--frames-dir", default=None, help="FRAMES/<subject>/<action>.<camera>/")
+    p.add_argument("--cameras", default=None, help="camera calibration JSON")
+    _add_writer_flags(p)
+    _add_window_flags(p, fps=None)
+    p.set_defaults(handler=cmd_h36m)
+
+    p = cmds.add_parser("verify", help="check every shard against its manifest")
+    p.add_argument("root", help="shard root (or one split directory)")
+    p.add_argument("--no-decode", action="store_true", help="checksums only")
+    p.set_defaults(handler=cmd_verify)
+
+    p = cmds.add_parser("stats", help="counts per split and action")
+    p.add_argument("root", help="shard root (or one split directory)")
+    p.set_defaults(handler=cmd_stats)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from data_shards import synth
+
+    synth.build(args, _writer_config(args))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_video(args: argparse.Namespace) -> int:
+    from data_shards import video
+
+    video.ingest_from_args(args, _writer_config(args))
+    return 0
+
+
+def cmd_h36m(args: argparse.Namespace) -> int:
+    from data_shards import h36m
+
+    h36m.ingest_from_args(args, _writer_config(args))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from data_shards.verify import verify
+
+    problems = verify(args.root, decode=not args.no_decode, progress=sys.stderr.isatty())
+    for problem in problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    if problems:
+        print(f"verify: {len(problems)} problem(s) in {args.root}", file=sys.stderr)
+        return 1
+    print(f"verify: {args.root} OK")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from data_shards.verify import stats_table
+
+    print(stats_table(args.root))
+    return 0

@@ -1,0 +1,335 @@
+"""The one definition of a shard sample: members, shapes, units, encoding and validation.
+
+A sample is a window of T consecutive frames of one clip seen from V views at once, so that
+multi-view positives land in the same batch. Writers call :func:`encode_sample`, readers call
+:func:`decode_sample`; nothing else knows member names. docs/shard-format.md describes the
+format for people.
+
+Members of sample ``KEY`` (``KEY.<member>`` inside the tar):
+
+- ``v00.t000.jpg`` ...: RGB frame of view v at time t, H x W x 3, JPEG.
+- ``masks.npy``: foreground masks, (V, T, H, ceil(W/8)) uint8, ``np.packbits`` along x.
+- ``pose3d.npy``: 3D joints, (T, J, 3) float32, mm, world frame (Z up).
+- ``pose2d.npy``: 2D joints per view, (V, T, J, 2) float32, pixels of the frame.
+- ``cam_k.npy``: intrinsics per view and time, (V, T, 3, 3) float32, pixels of the frame.
+- ``cam_rt.npy``: extrinsics per view, (V, 3, 4) float64, [R | t] world -> camera, t in mm.
+- ``meta.json``: metadata (:class:`Meta`), UTF-8 JSON.
+
+Everything but ``meta.json`` is optional; ``meta.has`` says which members a sample carries, and
+one split (one manifest) carries the same members in every sample. Arrays are ``.npy`` and are
+always loaded with ``allow_pickle=False``; no member is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from data_shards.skeleton import NUM_JOINTS
+
+SCHEMA_VERSION = 1
+
+MASKS = "masks.npy"
+POSE3D = "pose3d.npy"
+POSE2D = "pose2d.npy"
+CAM_K = "cam_k.npy"
+CAM_RT = "cam_rt.npy"
+META = "meta.json"
+FRAME_RE = re.compile(r"^v(\d{2})\.t(\d{3})\.jpg$")
+
+OPTIONAL_PARTS = ("frames", "masks", "pose3d", "pose2d", "cameras")
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class SampleError(ValueError):
+    """A sample that does not follow the schema. ``field`` names the offending member."""
+
+    def __init__(self, key: str, field: str, message: str):
+        super().__init__(f"sample {key!r}, {field}: {message}")
+        self.key, self.field, self.message = key, field, message
+
+
+def frame_member(view: int, time: int) -> str:
+    """Member name of the JPEG frame of ``view`` at window position ``time``."""
+    return f"v{view:02d}.t{time:03d}.jpg"
+
+
+def make_key(*parts: object) -> str:
+    """A sample key from parts: only [A-Za-z0-9_-] (a dot would split the key in a tar)."""
+    key = "-".join(_KEY_BAD.sub("_", str(p)).strip("_") for p in parts)
+    if not key:
+        raise ValueError("empty sample key")
+    return key
+
+
+@dataclass
+class View:
+    """One view of a sample: which camera, and which appearance of the subject."""
+
+    camera: str
+    """Camera identifier (unique within the sample's clip)."""
+    appearance: int = 0
+    """Appearance id (clothing, body shape, lighting, background); 0 when unknown."""
+
+
+@dataclass
+class Meta:
+    """``meta.json``: what a sample is and where it came from."""
+
+    source: str
+    """Data source: 'deepmimic', 'video', 'h36m'."""
+    clip: str
+    """Clip (sequence) identifier; train/val/test splits are made by clip."""
+    action: str
+    """Action label (for per-action reports)."""
+    fps: float
+    """Frame rate of the window."""
+    frames: list[int]
+    """Frame indices of the T frames within the clip (at ``fps``)."""
+    views: list[View]
+    """The V views, in member order."""
+    image_size: tuple[int, int]
+    """(W, H) of every frame and mask."""
+    has: dict[str, bool]
+    """Which optional parts the sample carries (keys: OPTIONAL_PARTS)."""
+    subject: str = ""
+    """Subject identifier."""
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+    """Generator details (body scale, lighting, video file ...), free-form JSON."""
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, key: str, data: bytes) -> Meta:
+        try:
+            d = json.loads(data.decode("utf-8"))
+            version = d.get("schema_version")
+            if version != SCHEMA_VERSION:
+                raise SampleError(key, META, f"schema version {version}, expected {SCHEMA_VERSION}")
+            d["views"] = [View(**v) for v in d["views"]]
+            d["image_size"] = tuple(int(s) for s in d["image_size"])
+            meta = cls(**d)
+        except SampleError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise SampleError(key, META, f"invalid metadata ({type(e).__name__}: {e})") from None
+        unknown = set(meta.has) - set(OPTIONAL_PARTS)
+        if unknown or not meta.frames or not meta.views:
+            raise SampleError(key, META, f"invalid metadata (has={meta.has}, views, frames)")
+        return meta
+
+
+@dataclass
+class Sample:
+    """A decoded sample. Arrays are numpy; absent parts are None."""
+
+    key: str
+    meta: Meta
+    frames: np.ndarray | None = None
+    """(V, T, H, W, 3) uint8 RGB."""
+    masks: np.ndarray | None = None
+    """(V, T, H, W) bool, True = person."""
+    pose3d: np.ndarray | None = None
+    """(T, J, 3) float32, world mm."""
+    pose2d: np.ndarray | None = None
+    """(V, T, J, 2) float32, pixels."""
+    K: np.ndarray | None = None
+    """(V, T, 3, 3) float32 intrinsics."""
+    Rt: np.ndarray | None = None
+    """(V, 3, 4) float64 extrinsics [R | t], t in mm."""
+    jpegs: list[list[bytes]] | None = field(default=None, repr=False)
+    """Encoded frames [view][time] when frame decoding was deferred (``decode_frames=False``)."""
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    """(H, W, 3) uint8 -> JPEG bytes (deterministic for the same pixels and quality)."""
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes -> (H, W, 3) uint8. Raises ValueError on a corrupt or non-RGB image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG":
+                raise ValueError(f"not a JPEG ({im.format})")
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            return np.asarray(im)
+    except (OSError, SyntaxError) as e:  # PIL signals corrupt data with OSError
+        raise ValueError(f"corrupt JPEG ({e})") from None
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """(..., H, W) bool -> (..., H, ceil(W/8)) uint8."""
+    return np.packbits(np.asarray(masks, dtype=bool), axis=-1)
+
+
+def unpack_masks(packed: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_masks`."""
+    return np.unpackbits(packed, axis=-1, count=width).astype(bool)
+
+
+def encode_sample(sample: Sample, jpeg_quality: int = 90) -> dict[str, bytes | str]:
+    """A :class:`Sample` -> the members of one webdataset sample (``__key__`` included).
+
+    Frames are taken from ``sample.jpegs`` if set (already encoded), else encoded from
+    ``sample.frames``. The sample is validated first, so a writer can never emit one the
+    reader would reject.
+    """
+    validate(sample)
+    m = sample.meta
+    out: dict[str, bytes | str] = {"__key__": sample.key, META: m.to_json()}
+    if m.has.get("frames"):
+        for v in range(m.num_views):
+            for t in range(m.num_frames):
+                jpg = (
+                    sample.jpegs[v][t]
+                    if sample.jpegs is not None
+                    else encode_jpeg(sample.frames[v, t], jpeg_quality)
+                )
+                out[frame_member(v, t)] = jpg
+    if m.has.get("masks"):
+        out[MASKS] = _npy_bytes(pack_masks(sample.masks))
+    if m.has.get("pose3d"):
+        out[POSE3D] = _npy_bytes(sample.pose3d.astype(np.float32))
+    if m.has.get("pose2d"):
+        out[POSE2D] = _npy_bytes(sample.pose2d.astype(np.float32))
+    if m.has.get("cameras"):
+        out[CAM_K] = _npy_bytes(sample.K.astype(np.float32))
+        out[CAM_RT] = _npy_bytes(sample.Rt.astype(np.float64))
+    return out
+
+
+def _load_npy(key: str, raw: dict[str, bytes], member: str, dtype: type) -> np.ndarray:
+    if member not in raw:
+        raise SampleError(key, member, "missing member")
+    try:
+        arr = np.load(io.BytesIO(raw[member]), allow_pickle=False)
+    except ValueError as e:
+        raise SampleError(key, member, f"not a plain .npy array ({e})") from None
+    if arr.dtype != dtype:
+        raise SampleError(key, member, f"dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    return arr
+
+
+def decode_sample(raw: dict[str, bytes], decode_frames: bool = True) -> Sample:
+    """Members of one webdataset sample -> a validated :class:`Sample`.
+
+    Only the members named in the module docstring are read; any other member (a pickle, a
+    ``.pth``) is ignored, never decoded. Raises :class:`SampleError` naming the key and field.
+    """
+    key = str(raw.get("__key__", "?"))
+    if META not in raw:
+        raise SampleError(key, META, "missing member")
+    meta = Meta.from_json(key, raw[META])
+    V, T = meta.num_views, meta.num_frames
+    s = Sample(key=key, meta=meta)
+    if meta.has.get("frames"):
+        jpegs = []
+        for v in range(V):
+            row = []
+            for t in range(T):
+                name = frame_member(v, t)
+                if name not in raw:
+                    raise SampleError(key, name, "missing member")
+                row.append(raw[name])
+            jpegs.append(row)
+        if decode_frames:
+            s.frames = decode_frames_of(key, jpegs, meta.image_size)
+        else:
+            s.jpegs = jpegs
+    if meta.has.get("masks"):
+        W, H = meta.image_size
+        packed = _load_npy(key, raw, MASKS, np.uint8)
+        if packed.shape != (V, T, H, (W + 7) // 8):
+            raise SampleError(key, MASKS, f"shape {packed.shape} does not fit V={V} T={T} {W}x{H}")
+        s.masks = unpack_masks(packed, W)
+    if meta.has.get("pose3d"):
+        s.pose3d = _load_npy(key, raw, POSE3D, np.float32)
+    if meta.has.get("pose2d"):
+        s.pose2d = _load_npy(key, raw, POSE2D, np.float32)
+    if meta.has.get("cameras"):
+        s.K = _load_npy(key, raw, CAM_K, np.float32)
+        s.Rt = _load_npy(key, raw, CAM_RT, np.float64)
+    validate(s)
+    return s
+
+
+def decode_frames_of(key: str, jpegs: list[list[bytes]], image_size: tuple[int, int]) -> np.ndarray:
+    """[view][time] JPEG bytes -> (V, T, H, W, 3) uint8, checking every frame's size."""
+    W, H = image_size
+    V, T = len(jpegs), len(jpegs[0])
+    out = np.empty((V, T, H, W, 3), dtype=np.uint8)
+    for v in range(V):
+        for t in range(T):
+            try:
+                img = decode_jpeg(jpegs[v][t])
+            except ValueError as e:
+                raise SampleError(key, frame_member(v, t), str(e)) from None
+            if img.shape != (H, W, 3):
+                raise SampleError(
+                    key, frame_member(v, t), f"size {img.shape[1]}x{img.shape[0]}, expected {W}x{H}"
+                )
+            out[v, t] = img
+    return out
+
+
+def _check_array(key: str, name: str, arr: np.ndarray | None, shape: tuple, finite: bool) -> None:
+    if arr is None:
+        raise SampleError(key, name, "declared in meta.has but absent")
+    if arr.shape != shape:
+        raise SampleError(key, name, f"shape {arr.shape}, expected {shape}")
+    if finite and not np.isfinite(arr).all():
+        raise SampleError(key, name, "contains NaN or inf")
+
+
+def validate(s: Sample) -> None:
+    """Check shapes, dtypes and finiteness of every part ``s.meta.has`` declares."""
+    m = s.meta
+    V, T, J = m.num_views, m.num_frames, NUM_JOINTS
+    W, H = m.image_size
+    if _KEY_BAD.search(s.key):
+        raise SampleError(s.key, "__key__", "only [A-Za-z0-9_-] allowed in a key")
+    if m.has.get("frames"):
+        if s.jpegs is not None:
+            if len(s.jpegs) != V or any(len(row) != T for row in s.jpegs):
+                raise SampleError(s.key, "frames", f"expected {V} views x {T} frames of JPEG")
+        else:
+            _check_array(s.key, "frames", s.frames, (V, T, H, W, 3), finite=False)
+            if s.frames.dtype != np.uint8:
+                raise SampleError(s.key, "frames", f"dtype {s.frames.dtype}, expected uint8")
+    if m.has.get("masks"):
+        _check_array(s.key, MASKS, s.masks, (V, T, H, W), finite=False)
+    if m.has.get("pose3d"):
+        _check_array(s.key, POSE3D, s.pose3d, (T, J, 3), finite=True)
+    if m.has.get("pose2d"):
+        _check_array(s.key, POSE2D, s.pose2d, (V, T, J, 2), finite=True)
+    if m.has.get("cameras"):
+        _check_array(s.key, CAM_K, s.K, (V, T, 3, 3), finite=True)
+        _check_array(s.key, CAM_RT, s.Rt, (V, 3, 4), finite=True)

@@ -1,0 +1,1 @@
+"""Evaluation and fine-tuning on a pretrained encoder: retrieval, heads, metrics."""

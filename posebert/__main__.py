@@ -1,0 +1,5 @@
+import sys
+
+from posebert.cli import main
+
+sys.exit(main())

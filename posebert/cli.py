@@ -1,0 +1,51 @@
+"""`posebert <stage> <command> ...`: parse, then hand off to the stage package.
+
+Each stage package owns its subcommands through a ``register(subparsers)`` function; this
+module only assembles them and turns expected failures into one error line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from data_shards import __version__
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are a single line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_shards.cli import register as register_shards
+
+    parser = OneLineParser(prog="posebert", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"posebert {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    stages = parser.add_subparsers(dest="stage", required=True, parser_class=OneLineParser)
+    register_shards(stages)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("posebert: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # bad input: one line, nothing written is lost
+        print(f"posebert {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

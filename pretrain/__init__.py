@@ -1,0 +1,1 @@
+"""Self-supervised pretraining: model, objectives and the DeepSpeed engine."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: small synthetic samples that follow the schema (no renderer needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_shards.schema import Meta, Sample, View
+from data_shards.skeleton import NUM_JOINTS
+
+
+def make_sample(
+    key: str = "test-clip-a0000-f00000",
+    views: int = 2,
+    frames: int = 4,
+    size: tuple[int, int] = (32, 24),
+    seed: int = 0,
+    action: str = "walk",
+    clip: str | None = None,
+) -> Sample:
+    """A random but schema-valid sample; the same arguments give the same arrays."""
+    rng = np.random.default_rng(seed)
+    W, H = size
+    meta = Meta(
+        source="test",
+        clip=clip or action,
+        action=action,
+        fps=50.0,
+        frames=list(range(frames)),
+        views=[View(camera=f"cam{v}", appearance=seed) for v in range(views)],
+        image_size=(W, H),
+        has={p: True for p in ("frames", "masks", "pose3d", "pose2d", "cameras")},
+        subject="s0",
+    )
+    # Smooth images: JPEG keeps them close, so round trips can be compared with a tolerance.
+    yy, xx = np.mgrid[0:H, 0:W]
+    base = rng.integers(0, 255, size=(views, frames, 1, 1, 3))
+    frames_arr = np.clip(base + (xx + yy)[None, None, :, :, None], 0, 255).astype(np.uint8)
+    Rt = np.concatenate([np.tile(np.eye(3), (views, 1, 1)), rng.normal(size=(views, 3, 1))], -1)
+    return Sample(
+        key=key,
+        meta=meta,
+        frames=frames_arr,
+        masks=rng.random((views, frames, H, W)) > 0.5,
+        pose3d=rng.normal(size=(frames, NUM_JOINTS, 3)).astype(np.float32) * 500,
+        pose2d=rng.uniform(0, W, size=(views, frames, NUM_JOINTS, 2)).astype(np.float32),
+        K=np.tile(np.eye(3, dtype=np.float32), (views, frames, 1, 1)),
+        Rt=Rt,
+    )
+
+
+@pytest.fixture
+def sample_factory():
+    return make_sample
