@@ -6,8 +6,6 @@ import argparse
 import os
 import sys
 
-from data_shards.write import WriterConfig
-
 
 def _positive_int(text: str) -> int:
     try:
@@ -43,12 +41,19 @@ def _add_writer_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_window_flags(p: argparse.ArgumentParser, fps: float | None) -> None:
     p.add_argument("--frames", type=_positive_int, default=16, help="T: frames per window")
-    p.add_argument("--stride", type=_positive_int, default=None, help="window stride (T/2)")
+    p.add_argument(
+        "--stride",
+        type=_positive_int,
+        default=None,
+        help="window stride (default: T/2 for synth, T otherwise)",
+    )
     p.add_argument("--size", type=_positive_int, default=128, help="square frame size in px")
     p.add_argument("--fps", type=_positive_float, default=fps, help="resample to this frame rate")
 
 
-def _writer_config(args: argparse.Namespace) -> WriterConfig:
+def _writer_config(args: argparse.Namespace):
+    from data_shards.write import WriterConfig  # webdataset imports torch: keep --help fast
+
     return WriterConfig(
         max_samples=args.shard_samples,
         max_bytes=args.shard_mb * 1024**2,
@@ -110,17 +115,52 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_video(args: argparse.Namespace) -> int:
-    from data_shards import video
+def _report(manifests: dict) -> None:
+    for split, m in manifests.items():
+        print(f"{split}: {m.samples} windows in {len(m.shards)} shards")
 
-    video.ingest_from_args(args, _writer_config(args))
+
+def cmd_video(args: argparse.Namespace) -> int:
+    from data_shards.video import VideoConfig, ingest_videos
+
+    config = VideoConfig(
+        size=(args.size, args.size),
+        frames=args.frames,
+        stride=args.stride,
+        fps=args.fps,
+        keypoints=args.keypoints,
+        action=args.action,
+    )
+    manifests = ingest_videos(
+        args.files,
+        args.out,
+        config,
+        _writer_config(args),
+        split=args.split,
+        val_fraction=args.val_fraction,
+        progress=sys.stderr.isatty(),
+    )
+    _report(manifests)
     return 0
 
 
 def cmd_h36m(args: argparse.Namespace) -> int:
-    from data_shards import h36m
+    from data_shards.h36m import H36MConfig, ingest_h36m
 
-    h36m.ingest_from_args(args, _writer_config(args))
+    config = H36MConfig(
+        size=(args.size, args.size), frames=args.frames, stride=args.stride, fps=args.fps
+    )
+    manifests = ingest_h36m(
+        args.npz3d,
+        args.npz2d,
+        args.frames_dir,
+        args.cameras,
+        args.out,
+        config,
+        _writer_config(args),
+        progress=sys.stderr.isatty(),
+    )
+    _report(manifests)
     return 0
 
 

@@ -75,7 +75,7 @@ class SplitWriter:
             maxsize=self.config.max_bytes,
             verbose=0,
             encoder=False,
-            mtime=0.0,
+            mtime=0,  # an int: a float mtime makes tarfile add a PAX header per member
             user="posebert",
             group="posebert",
             mode=0o644,

@@ -1,0 +1,278 @@
+"""The stages of the streaming reader: epoch plan, node/worker split, tar read, shuffle,
+resume skip, safe decode and batching (composed by :mod:`data_shards.read`)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from typing import NamedTuple
+
+import numpy as np
+
+from data_shards.manifest import Manifest
+from data_shards.schema import Sample, SampleError, decode_sample
+from data_shards.tario import iter_tar_samples
+from data_shards.transforms import Decoded
+
+log = logging.getLogger(__name__)
+
+
+class ReaderError(RuntimeError):
+    """The reader cannot produce the stream asked for (too few samples, a bad state)."""
+
+
+class ErrorBudgetExceeded(ReaderError):
+    """More bad samples / shards than ``ReaderConfig.error_budget`` allows."""
+
+
+class ShardRef(NamedTuple):  # one shard of the manifest(s)
+    path: str
+    samples: int
+    first_key: str
+
+
+class ShardSlice(NamedTuple):
+    """Samples [start, stop) of one shard; ``offset`` is the global position of its sample 0."""
+
+    path: str
+    first_key: str
+    offset: int
+    start: int
+    stop: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Which samples of the epoch's global sequence each rank and worker reads."""
+
+    total: int
+    world_size: int
+    rank: int
+    batch_size: int
+    workers: int
+    drop_last: bool
+
+    def rank_range(self, rank: int | None = None) -> tuple[int, int]:
+        r = self.rank if rank is None else rank
+        if self.drop_last:  # same number of full batches on every rank
+            per = self.total // self.world_size // self.batch_size * self.batch_size
+            return r * per, (r + 1) * per
+        base, extra = divmod(self.total, self.world_size)
+        lo = r * base + min(r, extra)
+        return lo, lo + base + (r < extra)
+
+    def worker_range(self, worker: int, rank: int | None = None) -> tuple[int, int]:
+        lo, hi = self.rank_range(rank)
+        batches = -(-(hi - lo) // self.batch_size)
+        base, extra = divmod(batches, self.workers)
+        first = worker * base + min(worker, extra)
+        last = first + base + (worker < extra)
+        return min(hi, lo + first * self.batch_size), min(hi, lo + last * self.batch_size)
+
+    def batch_sizes(self, worker: int, rank: int | None = None) -> list[int]:
+        lo, hi = self.worker_range(worker, rank)
+        full, rest = divmod(hi - lo, self.batch_size)
+        return [self.batch_size] * full + ([rest] if rest else [])
+
+    def check(self) -> None:
+        """Raise ReaderError unless every rank and worker gets a batch (the last rank and the
+        last worker get the fewest)."""
+        r, w = self.world_size - 1, self.workers - 1
+        if not self.batch_sizes(w, r):
+            raise ReaderError(
+                f"{self.total} samples are too few for {self.world_size} ranks x {self.workers} "
+                f"workers x batches of {self.batch_size}: rank {r} worker {w} would get no batch "
+                f"(drop_last={self.drop_last}); use fewer workers or a smaller batch"
+            )
+
+
+@dataclasses.dataclass
+class WorkerContext:
+    """Mutable state of one logical worker's stream, shared by its stages."""
+
+    worker: int
+    batch_sizes: list[int]
+    resume_cursor: int = 0
+    """Samples that already left the shuffle stage before this stream (replayed, not decoded)."""
+    batches_done: int = 0
+    budget: int = 10
+    errors_so_far: int = 0
+    """Budgeted errors of this rank's epoch before this stream (so a worker can stop early)."""
+    cursor: int = 0
+    quiet: bool = False
+    pending: Counter = dataclasses.field(default_factory=Counter)
+    ring: deque = dataclasses.field(default_factory=deque)
+
+    def report(self, what: str, shard: str, key: str, message: str, lost: int = 0) -> None:
+        """Count and log one skipped 'sample' or 'shard' remainder (silent while replaying)."""
+        if self.quiet:  # already counted before the state was saved
+            return
+        self.pending[f"bad_{what}s"] += 1
+        if lost:
+            self.pending["lost_samples"] += lost
+        log.warning("skipped %s: shard %s, sample %s: %s", what, shard, key, message)
+        self.errors_so_far += 1
+        if self.errors_so_far > self.budget:
+            raise ErrorBudgetExceeded(
+                f"{self.errors_so_far} bad samples/shards exceed error_budget={self.budget} "
+                f"(last: shard {shard}, sample {key}: {message})"
+            )
+
+    def take_pending(self) -> dict[str, int]:
+        out, self.pending = dict(self.pending), Counter()
+        return out
+
+
+def plan_epoch(
+    shards: list[ShardRef], seed: int, epoch: int, shuffle: bool
+) -> Iterator[ShardSlice]:
+    """The epoch's shard list, shuffled by (seed, epoch), with global sample offsets."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards)) if shuffle else None
+    offset = 0
+    for i in range(len(shards)) if order is None else order.tolist():
+        s = shards[i]
+        yield ShardSlice(s.path, s.first_key, offset, 0, s.samples)
+        offset += s.samples
+
+
+def _clip(slices: Iterable[ShardSlice], lo: int, hi: int) -> Iterator[ShardSlice]:
+    for s in slices:
+        start, stop = max(s.start, lo - s.offset), min(s.stop, hi - s.offset)
+        if start < stop:
+            yield s._replace(start=start, stop=stop)
+
+
+def split_by_node(slices: Iterable[ShardSlice], plan: Plan) -> Iterator[ShardSlice]:
+    """Keep the parts of shards inside this rank's contiguous sample range."""
+    yield from _clip(slices, *plan.rank_range())
+
+
+def split_by_worker(slices: Iterable[ShardSlice], plan: Plan, worker: int) -> Iterator[ShardSlice]:
+    """Keep the parts inside this (logical) worker's batch-aligned sub-range."""
+    yield from _clip(slices, *plan.worker_range(worker))
+
+
+def read_shards(slices: Iterable[ShardSlice], ctx: WorkerContext) -> Iterator[dict]:
+    """Raw member dicts of each slice (nothing decoded), checked against the manifest counts.
+
+    A shard that is missing, broken or shorter than its manifest count loses only the samples
+    it cannot deliver (one counted error); a cut at a 512-byte boundary is caught by the count.
+    """
+    for s in slices:
+        name, want, got, key, problem = os.path.basename(s.path), s.stop - s.start, 0, "-", ""
+        try:
+            with contextlib.closing(iter_tar_samples(s.path, skip=s.start)) as samples:
+                for raw in samples:
+                    if got == 0 and s.start == 0 and s.first_key and raw["__key__"] != s.first_key:
+                        problem = f"first key {raw['__key__']!r}, manifest says {s.first_key!r}"
+                        break
+                    raw["__shard__"], raw["__index__"] = name, s.offset + s.start + got
+                    got, key = got + 1, raw["__key__"]
+                    yield raw
+                    if got == want:
+                        break
+        except OSError as e:  # ShardError (broken tar) is an OSError, so is a missing file
+            problem = f"{type(e).__name__}: {e}"
+        if got < want:
+            where = f"after {key}" if got else "(first)"
+            problem = problem or f"file ends after {s.start + got} samples, manifest: >= {s.stop}"
+            ctx.report("shard", name, where, f"{problem}; {want - got} samples lost", want - got)
+
+
+def shuffle(raws: Iterable[dict], bufsize: int, seed: list[int]) -> Iterator[dict]:
+    """Seeded buffer shuffle of encoded samples (bufsize 1: pass-through)."""
+    if bufsize <= 1:
+        yield from raws
+        return
+    rng = random.Random(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    buf: list[dict] = []
+    for raw in raws:
+        if len(buf) < bufsize:
+            buf.append(raw)
+            continue
+        k = rng.randrange(bufsize)
+        yield buf[k]
+        buf[k] = raw
+    rng.shuffle(buf)
+    yield from buf
+
+
+def skip_to_cursor(raws: Iterable[dict], ctx: WorkerContext) -> Iterator[dict]:
+    """Count samples leaving the shuffle (the cursor); drop, undecoded, those before the resume
+    cursor. Errors met while replaying were counted before the state was saved: stay quiet."""
+    it = iter(raws)
+    ctx.ring = deque(maxlen=2 * max(ctx.batch_sizes, default=1))
+    while True:
+        ctx.quiet = ctx.cursor < ctx.resume_cursor
+        raw = next(it, None)
+        ctx.quiet = False
+        if raw is None:
+            return
+        ctx.cursor += 1
+        ctx.ring.append(raw)
+        if ctx.cursor > ctx.resume_cursor:
+            yield raw
+
+
+def decode_checked(raw: dict, layout: Manifest, frames: str) -> Sample:
+    """schema.decode_sample plus a check that the sample fits the split's layout (so it
+    collates with the others). Raises SampleError."""
+    s = decode_sample(raw, decode_frames=frames == "decode")
+    m = s.meta
+    got = (m.num_views, m.num_frames, tuple(m.image_size))
+    want = (layout.views, layout.frames, tuple(layout.image_size))
+    if got != want or any(m.has.get(p, False) != v for p, v in layout.has.items()):
+        raise SampleError(
+            s.key,
+            "meta.json",
+            f"layout V,T,(W,H)={got}, has={m.has}; split has {want}, has={layout.has}",
+        )
+    return s
+
+
+def safe_decode(raws: Iterable[dict], ctx: WorkerContext, decode: Callable) -> Iterator[Decoded]:
+    """Decode each sample with the schema's decoders only; a bad one is skipped and counted."""
+    for raw in raws:
+        try:
+            sample = decode(raw)
+        except Exception as e:  # untrusted bytes through PIL/numpy/json: any failure rejects
+            detail = f"{e.field}: {e.message}" if isinstance(e, SampleError) else repr(e)
+            ctx.report("sample", raw["__shard__"], raw["__key__"], detail)
+            continue
+        yield Decoded(raw["__index__"], sample)
+
+
+def batch_samples(
+    items: Iterable[Decoded],
+    ctx: WorkerContext,
+    collate: Callable[[list[Decoded]], dict],
+    redecode: Callable[[dict], Decoded | None],
+    pad: bool,
+) -> Iterator[dict]:
+    """Group into the planned batches; each carries worker, cursor and errors since the last.
+
+    ``pad``: a batch left short by rejected samples is filled with repeats of the good samples
+    among the worker's last 2 x batch raw samples (the same in a replay), those not already in
+    the batch first (a repeat in the same batch is a false negative), so batch counts stay equal.
+    """
+    items = iter(items)
+    for size in ctx.batch_sizes[ctx.batches_done :]:
+        got = list(islice(items, size))
+        padded = 0
+        if len(got) < size and pad:
+            taken = {d.index for d in got}
+            fill = [d for d in map(redecode, ctx.ring) if d is not None]
+            fill.sort(key=lambda d: d.index in taken)  # stable: ring order otherwise
+            if not fill:
+                raise ReaderError(f"worker {ctx.worker}: no readable sample left to fill a batch")
+            padded = size - len(got)
+            got += [fill[i % len(fill)] for i in range(padded)]
+        batch = collate(got) if got else {"keys": []}  # empty: bookkeeping only, not handed out
+        batch.update(worker=ctx.worker, cursor=ctx.cursor, errors=ctx.take_pending(), padded=padded)
+        yield batch

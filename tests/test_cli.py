@@ -1,0 +1,115 @@
+"""The `posebert` command: exit codes and one-line errors, run as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_sample
+
+from data_shards.write import WriterConfig, write_split
+
+
+def posebert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "posebert", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    for split, n in (("train", 5), ("val", 2)):
+        samples = [make_sample(key=f"{split}-{i}", seed=i, action="ab"[i % 2]) for i in range(n)]
+        write_split(root, split, samples, {}, {}, WriterConfig(max_samples=2))
+    return root
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["shards", "synth", "--out", "x", "--frames", "0"], "--frames"),
+        (["shards", "synth", "--out", "x", "--size", "abc"], "--size"),
+        (["shards", "bogus"], "invalid choice"),
+        (["shards", "synth"], "--out"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args, needle):
+    r = posebert(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert needle in r.stderr
+
+
+def test_stats_counts_per_split_and_action(shard_root):
+    r = posebert("shards", "stats", str(shard_root))
+    assert r.returncode == 0, r.stderr
+    assert "train: 5 windows x 2 views x 4 frames = 40 frames" in r.stdout
+    line_a = next(line for line in r.stdout.splitlines() if line.startswith("a "))
+    assert line_a.split()[1:] == ["3", "1"]
+
+
+def test_verify_passes_then_fails_loudly_on_a_damaged_copy(shard_root, tmp_path):
+    assert posebert("shards", "verify", str(shard_root)).returncode == 0
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_root, copy)
+    shard = copy / "train" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:-3000])
+    r = posebert("shards", "verify", str(copy))
+    assert r.returncode == 1
+    assert "train/shard-000001.tar" in r.stderr
+
+
+def test_missing_input_is_one_line(tmp_path):
+    r = posebert("shards", "stats", str(tmp_path / "nope"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "no such directory" in r.stderr
+
+
+def test_video_command_end_to_end(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent / "data_shards"))
+    from test_video import write_mp4
+
+    files = [str(write_mp4(tmp_path / f"{n}.mp4", 24)) for n in ("a", "b")]
+    out = tmp_path / "out"
+    r = posebert("shards", "video", *files, "--out", str(out), "--frames", "8", "--size", "32")
+    assert r.returncode == 0, r.stderr
+    assert "train: 6 windows" in r.stdout  # 2 files x 24 frames / 8
+    assert posebert("shards", "verify", str(out)).returncode == 0
+    r = posebert("shards", "video", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "nope.mp4" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_h36m_command_end_to_end(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent / "data_shards"))
+    from h36m_fixture import make_h36m_fixture
+
+    fx = make_h36m_fixture(tmp_path / "h36m", {"S1": ("Walking 1",), "S9": ("Walking 1",)})
+    out = tmp_path / "out"
+    r = posebert(
+        "shards",
+        "h36m",
+        "--npz3d",
+        str(fx.npz3d),
+        "--npz2d",
+        str(fx.npz2d),
+        "--frames-dir",
+        str(fx.frames_dir),
+        "--cameras",
+        str(fx.cameras_json),
+        "--out",
+        str(out),
+        "--frames",
+        "8",
+        "--size",
+        "64",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "train: 5 windows" in r.stdout and "val: 5 windows" in r.stdout
+    assert posebert("shards", "verify", str(out)).returncode == 0
