@@ -108,10 +108,34 @@ def register(stages: argparse._SubParsersAction) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from data_shards import synth
+    from data_shards import mocap, synth
 
-    synth.build(args, _writer_config(args))
-    print(f"wrote {args.out}")
+    table = synth.split_table(args.val_clips, args.test_clips)
+    if args.clips is not None:
+        unknown = sorted(set(args.clips) - set(mocap.CLIP_NAMES))
+        if unknown:
+            raise ValueError(f"unknown clips {unknown}; choose from {', '.join(mocap.CLIP_NAMES)}")
+        table = {s: tuple(c for c in clips if c in args.clips) for s, clips in table.items()}
+        table = {s: clips for s, clips in table.items() if clips}
+    config = synth.SynthConfig(
+        views=args.views,
+        frames=args.frames,
+        stride=args.stride,
+        size=args.size,
+        fps=args.fps,
+        seed=args.seed,
+        appearances_per_window=args.appearances,
+        jpeg_quality=args.jpeg_quality,
+    )
+    manifests = synth.build_splits(
+        args.out,
+        config,
+        _writer_config(args),
+        splits=table,
+        workers=args.workers,
+        progress=sys.stderr.isatty(),
+    )
+    _report(manifests)
     return 0
 
 
