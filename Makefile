@@ -13,11 +13,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-# Main job: build the embedded real-motion shards and print their statistics.
+# Main job: build the embedded real-motion shards, verify them, print their statistics and
+# draw a contact sheet of the validation split.
 demo: install
 	$(BIN)/posebert shards synth --out $(OUT)/shards --overwrite $(SYNTH_ARGS)
 	$(BIN)/posebert shards verify $(OUT)/shards
 	$(BIN)/posebert shards stats $(OUT)/shards
+	$(BIN)/posebert shards preview $(OUT)/shards --split val --out $(OUT)/preview-val.png
 
 test: install
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""`posebert shards {synth,video,h36m,verify,stats}`: build, check and describe shard sets."""
+"""`posebert shards {synth,video,h36m,verify,stats,preview}`: build, check, describe shards."""
 
 from __future__ import annotations
 
@@ -102,6 +102,13 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--no-decode", action="store_true", help="checksums only")
     p.set_defaults(handler=cmd_verify)
 
+    p = cmds.add_parser("preview", help="PNG contact sheet: frames, 2D skeletons, mask edges")
+    p.add_argument("root", help="shard root (or one split directory)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--split", default=None, help="split to show (default: the first)")
+    p.add_argument("--samples", type=_positive_int, default=4, help="rows (one per sample)")
+    p.set_defaults(handler=cmd_preview)
+
     p = cmds.add_parser("stats", help="counts per split and action")
     p.add_argument("root", help="shard root (or one split directory)")
     p.set_defaults(handler=cmd_stats)
@@ -198,6 +205,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"verify: {len(problems)} problem(s) in {args.root}", file=sys.stderr)
         return 1
     print(f"verify: {args.root} OK")
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from data_shards.preview import write_preview
+
+    print(f"wrote {write_preview(args.root, args.out, args.split, args.samples)}")
     return 0
 
 

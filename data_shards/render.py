@@ -80,6 +80,25 @@ class Render:
     """(H, W) bool, True = person."""
 
 
+def _import_pybullet():
+    """Import pybullet without the "pybullet build time" banner its C code prints on import
+    (to stderr), which every render worker would otherwise repeat."""
+    import sys
+
+    if "pybullet" in sys.modules:
+        return sys.modules["pybullet"]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import pybullet
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return pybullet
+
+
 class BodyRenderer:
     """One pybullet DIRECT client drawing the DeepMimic character (see the module docstring).
 
@@ -87,8 +106,7 @@ class BodyRenderer:
     """
 
     def __init__(self) -> None:
-        import pybullet
-
+        pybullet = _import_pybullet()
         self._p = pybullet
         self._client = pybullet.connect(pybullet.DIRECT)
         self._body: int | None = None

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from data_shards.schema import Meta, Sample, View
+from data_shards.manifest import Manifest
+from data_shards.schema import Meta, Sample, View, decode_sample
 from data_shards.skeleton import NUM_JOINTS
+from data_shards.tario import iter_tar_samples
 
 
 def make_sample(
@@ -52,3 +56,15 @@ def make_sample(
 @pytest.fixture
 def sample_factory():
     return make_sample
+
+
+def read_split(split_dir: Path) -> list[Sample]:
+    """Every sample of a split, decoded in file order (checks the manifest's count)."""
+    manifest = Manifest.load(split_dir)
+    samples = [
+        decode_sample(raw)
+        for info in manifest.shards
+        for raw in iter_tar_samples(split_dir / info.name)
+    ]
+    assert len(samples) == manifest.samples
+    return samples

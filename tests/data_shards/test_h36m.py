@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_split
 from h36m_fixture import make_h36m_fixture
 from PIL import Image
 
@@ -23,9 +24,7 @@ from data_shards.h36m import (
     load_npz,
     read_crop,
 )
-from data_shards.manifest import Manifest
-from data_shards.schema import Sample, decode_sample
-from data_shards.tario import iter_tar_samples
+from data_shards.schema import Sample
 from data_shards.video import transform_points
 
 T = 8
@@ -34,14 +33,6 @@ T = 8
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
     return make_h36m_fixture(tmp_path_factory.mktemp("h36m"))
-
-
-def read_split(split_dir: Path) -> list[Sample]:
-    manifest = Manifest.load(split_dir)
-    samples = [decode_sample(raw) for info in manifest.shards
-               for raw in iter_tar_samples(split_dir / info.name)]
-    assert len(samples) == manifest.samples
-    return samples
 
 
 def check_pose3d(fx, s: Sample) -> None:

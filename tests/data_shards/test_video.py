@@ -9,10 +9,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import read_split
 
-from data_shards.manifest import Manifest
-from data_shards.schema import Sample, decode_sample
-from data_shards.tario import iter_tar_samples
 from data_shards.video import (
     VideoConfig,
     VideoError,
@@ -50,14 +48,6 @@ def write_mp4(path: Path, num_frames: int, fps: int = FPS) -> Path:
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
-
-
-def read_split(split_dir: Path) -> list[Sample]:
-    manifest = Manifest.load(split_dir)
-    samples = [decode_sample(raw) for info in manifest.shards
-               for raw in iter_tar_samples(split_dir / info.name)]
-    assert len(samples) == manifest.samples
-    return samples
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ def test_main_job_quick(tmp_path):
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "verify: " in r.stdout and " OK" in r.stdout
+    assert (tmp_path / "preview-val.png").stat().st_size > 10_000
     for split, clip in (("train", "walk"), ("val", "run"), ("test", "dance_b")):
         assert (tmp_path / "shards" / split / "manifest.json").is_file()
         assert re.search(rf"^{clip}\s", r.stdout, re.M), r.stdout
