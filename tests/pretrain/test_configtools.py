@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from pretrain.configtools import ConfigError, apply_overrides, from_dict, parse_value, to_dict
+
+
+@dataclass(frozen=True)
+class Inner:
+    depth: int = 2
+    kind: Literal["conv", "rotary"] = "conv"
+    rates: tuple[float, float] = (0.5, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    lr: float = 1e-3
+    weights: str | None = None
+
+
+def test_round_trip_and_int_to_float():
+    cfg = Outer(Inner(3, "rotary", (0.1, 0.2)), lr=2e-4, weights="w.safetensors")
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+    assert from_dict(Outer, {"lr": 1}).lr == 1.0
+
+
+def test_overrides_are_typed_and_validated():
+    cfg = apply_overrides(Outer(), ["inner.depth=4", "inner.kind=rotary", "lr=0.01",
+                                    "inner.rates=[0.3, 0.4]", "weights=none"])  # fmt: skip
+    assert cfg == Outer(Inner(4, "rotary", (0.3, 0.4)), 0.01, None)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("inner.width=3", "inner.width: unknown field"),
+        ("inner.depth=four", "inner.depth: expected int"),
+        ("inner.depth=0", "inner: depth must be >= 1"),
+        ("inner.kind=absolute", "inner.kind: 'absolute' is not one of"),
+        ("nodots", "expected key=value"),
+        ("inner.rates=[1]", "inner.rates: expected 2 values"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Outer(), [override])
+    assert str(info.value).startswith(message) or message in str(info.value)
+
+
+def test_parse_value():
+    assert parse_value("3") == 3 and parse_value("1e-4") == 1e-4 and parse_value("True") is True
+    assert parse_value("resnet50") == "resnet50" and parse_value("[1,2]") == [1, 2]
