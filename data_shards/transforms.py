@@ -146,3 +146,46 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
     return torch.empty(shape, dtype=dtype).share_memory_()
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize:
+    """Resize frames (bilinear) and masks (nearest) to ``size`` x ``size``, and scale 2D poses
+    and intrinsics with them: with continuous pixel coordinates this is an exact change of
+    intrinsics (data_shards/camera.py), so labels stay consistent with the pixels."""
+
+    size: int
+    """Output side in pixels."""
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"Resize.size must be >= 1, got {self.size}")
+
+    def __call__(self, s: Sample, rng: np.random.Generator) -> Sample:
+        from PIL import Image
+
+        W, H = s.meta.image_size
+        if (W, H) == (self.size, self.size):
+            return s
+        sx, sy = self.size / W, self.size / H
+        out = {}
+        if s.frames is not None:
+            V, T = s.frames.shape[:2]
+            out["frames"] = np.stack([
+                np.stack([np.asarray(Image.fromarray(s.frames[v, t]).resize(
+                    (self.size, self.size), Image.BILINEAR)) for t in range(T)])
+                for v in range(V)
+            ])  # fmt: skip
+        if s.masks is not None:
+            rows = (np.arange(self.size) + 0.5) / sy  # nearest source pixel centres
+            cols = (np.arange(self.size) + 0.5) / sx
+            out["masks"] = s.masks[..., rows.astype(int)[:, None], cols.astype(int)[None, :]]
+        if s.pose2d is not None:
+            out["pose2d"] = (s.pose2d * np.array([sx, sy], dtype=s.pose2d.dtype)).astype(
+                s.pose2d.dtype
+            )
+        if s.K is not None:
+            scale = np.diag([sx, sy, 1.0]).astype(s.K.dtype)
+            out["K"] = scale @ s.K
+        meta = dataclasses.replace(s.meta, image_size=(self.size, self.size))
+        return dataclasses.replace(s, meta=meta, **out)

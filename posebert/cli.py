@@ -22,12 +22,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from data_shards.cli import register as register_shards
+    from pretrain.cli import register as register_pretrain
 
     parser = OneLineParser(prog="posebert", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"posebert {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     stages = parser.add_subparsers(dest="stage", required=True, parser_class=OneLineParser)
     register_shards(stages)
+    register_pretrain(stages)
     return parser
 
 

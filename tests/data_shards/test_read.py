@@ -253,3 +253,19 @@ def test_dist_from_env():
 def test_measure_read_throughput_runs(split):
     result = measure_read_throughput(str(split), num_workers=0, batch_size=4)
     assert result["frames"] == 28 * 2 * 2 and result["frames_per_cpu_s"] > 0
+
+
+def test_resize_keeps_labels_consistent_with_pixels():
+    from conftest import make_sample
+
+    from data_shards.camera import project
+    from data_shards.transforms import Resize
+
+    s = make_sample(size=(32, 24))
+    Rt = s.Rt[0]
+    s.pose2d[0, 0] = project(s.pose3d[0], s.K[0, 0], Rt[:, :3], Rt[:, 3])  # labels = projection
+    r = Resize(16)(s, np.random.default_rng(0))
+    assert r.frames.shape == (2, 4, 16, 16, 3) and r.masks.shape == (2, 4, 16, 16)
+    assert r.meta.image_size == (16, 16)
+    expected = project(s.pose3d[0], r.K[0, 0], Rt[:, :3], Rt[:, 3])
+    assert np.allclose(r.pose2d[0, 0], expected, atol=1e-3)

@@ -1,0 +1,62 @@
+"""`posebert pretrain` and `posebert export`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(stages: argparse._SubParsersAction) -> None:
+    p = stages.add_parser("pretrain", help="pretrain PoseBERT under DeepSpeed (resumes in OUT)")
+    p.add_argument("--recipe", default="debug_cpu", help="debug_cpu, demo_cpu, base, cluster_...")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. model.encoder.depth=4")  # fmt: skip
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="start N local processes (not when run by torchrun or srun)")  # fmt: skip
+    p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    p.set_defaults(handler=cmd_pretrain)
+
+    p = stages.add_parser("export", help="write a run's encoder as safetensors + JSON config")
+    p.add_argument("--run", required=True, help="pretraining run directory")
+    p.add_argument("--out", required=True, help="output directory for the encoder")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(handler=cmd_export)
+
+
+def resolve_config(recipe: str, overrides: list[str]):
+    from pretrain.configtools import apply_overrides
+    from pretrain.recipes import get_recipe
+
+    return apply_overrides(get_recipe(recipe), overrides)
+
+
+def _launched() -> bool:
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args.recipe, args.overrides)  # config errors before any process starts
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    if args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.nproc_per_node > 1 and not _launched():
+        from pretrain.engine.launch import launch_local
+
+        argv = [sys.executable, "-m", "posebert", "pretrain", "--recipe", args.recipe,
+                "--out", args.out] + [f"--set={o}" for o in args.overrides]  # fmt: skip
+        return launch_local(args.nproc_per_node, argv)
+    from pretrain.run import run_pretrain
+
+    return run_pretrain(cfg, args.out)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pretrain.export import export_encoder
+
+    path = export_encoder(args.run, args.out, step=args.step)
+    print(f"wrote {path}")
+    return 0

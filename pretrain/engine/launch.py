@@ -1,0 +1,179 @@
+"""Start N local ranks of the same entry point, torchrun-style, and supervise them.
+
+Used by ``posebert pretrain --nproc-per-node N``. Each child gets RANK, LOCAL_RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT (read back by
+:class:`pretrain.engine.dist.DistEnv`). Unlike a ``torchrun`` agent, which dies on SIGUSR1
+without telling its workers (RELIABILITY.md), this launcher forwards SIGUSR1, SIGUSR2 and
+SIGTERM to every rank (SIGINT as SIGTERM; a second SIGINT kills), so the ranks checkpoint and
+exit with the requeue code together.
+
+Rank 0 writes straight to the terminal (its progress bar stays intact); the other ranks'
+output is prefixed with ``[rank R]``. When a rank exits non-zero, the others get ``grace_s``
+seconds to finish on their own (an orderly exit code such as 75 reaches every rank at the same
+step), then are killed with their process groups, and the launcher returns that rank's code
+(128 + signal number for a rank killed by a signal) after one line naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import IO
+
+from pretrain.engine.dist import free_port
+
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def _rank_env(base: Mapping[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
+    env = dict(base)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        POSEBERT_LAUNCHER="local",
+        PYTHONUNBUFFERED="1",
+    )
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def _pump(stream: IO[bytes], prefix: bytes, sink: IO[bytes]) -> None:
+    for line in iter(stream.readline, b""):
+        sink.write(prefix + line)
+        sink.flush()
+    stream.close()
+
+
+def _code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+    return f"exited with code {returncode}"
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _forward_signals(procs: list[subprocess.Popen]) -> Iterator[None]:
+    interrupts = 0
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:
+                for p in procs:
+                    _kill_group(p)
+                return
+            signum = signal.SIGTERM
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    handled = (*FORWARDED, signal.SIGINT) if in_main else ()
+    previous = {s: signal.signal(s, forward) for s in handled}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _supervise(procs: list[subprocess.Popen], grace_s: float, poll_s: float) -> int:
+    first_bad: tuple[int, int] | None = None
+    deadline = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if first_bad is None:
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                first_bad, deadline = bad[0], time.monotonic() + grace_s
+        if all(c is not None for c in codes):
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            stopped = [r for r, c in enumerate(codes) if c is None]
+            for r in stopped:
+                _kill_group(procs[r])
+            print(
+                f"launch_local: rank {first_bad[0]} {_describe(first_bad[1])}; killed rank(s) "
+                f"{stopped} still running after {grace_s:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            for r in stopped:
+                procs[r].wait()
+            break
+        time.sleep(poll_s)
+    if first_bad is None:
+        return 0
+    rank, returncode = first_bad
+    others = {_code(p.returncode) for r, p in enumerate(procs) if r != rank}
+    if others - {_code(returncode)}:
+        print(f"launch_local: rank {rank} {_describe(returncode)}", file=sys.stderr, flush=True)
+    return _code(returncode)
+
+
+def launch_local(
+    nproc: int,
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    grace_s: float = 10.0,
+    poll_s: float = 0.1,
+) -> int:
+    """Run ``argv`` (a full command line, e.g. ``[sys.executable, "-m", "posebert.cli",
+    "pretrain", ...]``) as ranks 0..nproc-1 on this machine; return 0 when every rank
+    succeeded, else the code of the first rank that failed (named on stderr)."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if not argv:
+        raise ValueError("argv is empty")
+    base = os.environ if env is None else env
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    pumps: list[threading.Thread] = []
+    sink = sys.stdout.buffer
+    try:
+        for rank in range(nproc):
+            piped = rank > 0
+            p = subprocess.Popen(
+                list(argv),
+                env=_rank_env(base, rank, nproc, port),
+                stdout=subprocess.PIPE if piped else None,
+                stderr=subprocess.STDOUT if piped else None,
+                start_new_session=True,  # one process group per rank, killed as a whole
+            )
+            procs.append(p)
+            if piped:
+                t = threading.Thread(
+                    target=_pump, args=(p.stdout, f"[rank {rank}] ".encode(), sink), daemon=True
+                )
+                t.start()
+                pumps.append(t)
+        with _forward_signals(procs):
+            return _supervise(procs, grace_s, poll_s)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill_group(p)
+                p.wait()
+        for t in pumps:
+            t.join(timeout=5)

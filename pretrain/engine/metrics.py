@@ -1,0 +1,131 @@
+"""What a run reports: one JSON line per logged step, TensorBoard scalars, a progress bar.
+
+Only rank 0 writes. On resume from step S, lines and events after S (written by the run that
+was killed before it could checkpoint them) are dropped first, so ``metrics.jsonl`` of a
+resumed run reads like the one of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TIMING_FIELDS = ("frames_per_s", "time_s")
+"""Fields that depend on the machine's speed (left out when comparing runs)."""
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # strict JSON has no NaN / inf
+    return v
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep the lines of a metrics file whose ``step`` is <= ``step`` (atomic rewrite)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: it and anything after it go
+    part = path.with_name(path.name + ".part")
+    part.write_text("".join(line + "\n" for line in kept))
+    os.replace(part, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics file (for tests and reports)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """JSONL + TensorBoard + tqdm on rank 0; a no-op elsewhere."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        enabled: bool,
+        start_step: int,
+        max_steps: int,
+        tensorboard: bool = True,
+        progress: bool = True,
+    ):
+        self.enabled = enabled
+        self._file = self._tb = self._bar = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / METRICS_FILE
+        truncate_after(path, start_step)
+        self._file = open(path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+            except ImportError as e:  # tensorboard is a dependency; keep training without it
+                log.warning("TensorBoard disabled: %s", e)
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False
+            )
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one step's record (``step`` required; non-finite floats become null)."""
+        if not self.enabled:
+            return
+        clean = {k: _json_value(v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"train/{k}", v, record["step"])
+        if self._bar is not None:
+            loss = record.get("loss")
+            self._bar.set_postfix(
+                loss="skipped" if loss is None or not math.isfinite(loss) else f"{loss:.4g}",
+                fps=f"{record.get('frames_per_s', 0):.0f}",
+                refresh=False,
+            )
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def note(self, message: str) -> None:
+        """A line for the user that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+        self._file = self._tb = self._bar = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
