@@ -8,12 +8,22 @@ global RNG, whose state the engine checkpoints.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from pretrain.engine.runstate import step_generator
 from pretrain.model import PoseBERT, PoseBERTConfig
-from pretrain.objectives import ContrastiveConfig, GatherFn, contrastive_loss, identity_gather
+from pretrain.objectives import (
+    CollapseMonitor,
+    ContrastiveConfig,
+    GatherFn,
+    contrastive_loss,
+    identity_gather,
+)
+
+log = logging.getLogger(__name__)
 
 
 class PretrainTask(nn.Module):
@@ -32,6 +42,7 @@ class PretrainTask(nn.Module):
         self.model = PoseBERT(model)
         self.objective = objective
         self.seed, self.rank, self.gather = seed, rank, gather
+        self.collapse = CollapseMonitor()
 
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         generator = step_generator(self.seed, step, self.rank)
@@ -48,4 +59,7 @@ class PretrainTask(nn.Module):
             rank=self.rank,
         )
         metrics.update({k: float(v) for k, v in out.quantizer_stats.items()})
+        warning = self.collapse.update(metrics)
+        if warning and self.rank == 0:
+            log.warning("step %d: %s", step, warning)
         return loss, metrics
