@@ -8,7 +8,8 @@ For each image size (64 and 128 px by default) and the ResNet-50 backbone:
   against the plain loop (goal <= 5%);
 - the DeepSpeed engine fed by the shard reader (decode, resize, collate in 2 workers): the ratio
   end-to-end / synthetic (goal >= 0.9: the data pipeline is not the bottleneck).
-Frames per second count every frame through the backbone (B x V x T per step).
+Frames per second count every frame through the backbone (B x V x T per step); the three
+runs take their steps in turn and each reports its median step time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -38,14 +40,19 @@ def config(size: int, batch: int, workers: int, shards: str):
     ])  # fmt: skip
 
 
-def timed(step_fn, batches, steps: int, warmup: int = 2) -> float:
-    """Seconds per step over ``steps`` steps after ``warmup`` (batches: an iterator)."""
-    for _ in range(warmup):
-        step_fn(next(batches))
-    start = time.perf_counter()
+def interleaved(runs: dict, steps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per step of each ``name: (step_fn, batches)``, the runs' steps taken in
+    turn (plain, DeepSpeed, end-to-end, plain, ...) so drift on a shared machine hits all."""
+    for fn, batches in runs.values():
+        for _ in range(warmup):
+            fn(next(batches))
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(steps):
-        step_fn(next(batches))
-    return (time.perf_counter() - start) / steps
+        for name, (fn, batches) in runs.items():
+            start = time.perf_counter()
+            fn(next(batches))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def repeat(batch):
@@ -75,7 +82,6 @@ def bench_size(size: int, args) -> dict:
         opt.step()
         step["n"] += 1
 
-    t_plain = timed(plain_step, repeat(synthetic), args.steps)
     engine_cfg = dataclasses.replace(cfg.engine, grad_clip=0.0)
     engine = build_engine(PretrainTask(cfg.model, cfg.objective), engine_cfg, 1)
 
@@ -85,10 +91,10 @@ def bench_size(size: int, args) -> dict:
         engine.step()
         step["n"] += 1
 
-    t_ds = timed(ds_step, repeat(synthetic), args.steps)
-    t_e2e = timed(ds_step, forever(reader), args.steps)
-    return dict(size=size, frames_per_step=frames, plain=frames / t_plain, deepspeed=frames / t_ds,
-                end_to_end=frames / t_e2e)  # fmt: skip
+    t = interleaved({"plain": (plain_step, repeat(synthetic)),
+                     "deepspeed": (ds_step, repeat(synthetic)),
+                     "end_to_end": (ds_step, forever(reader))}, args.steps)  # fmt: skip
+    return dict(size=size, frames_per_step=frames, **{k: frames / v for k, v in t.items()})
 
 
 def main() -> None:
