@@ -16,7 +16,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from data_shards.manifest import Manifest, ShardInfo, sha256_file
+from data_shards.manifest import Manifest, ShardInfo, fsync_path, sha256_file
 from data_shards.schema import Sample, encode_sample
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -113,7 +113,7 @@ class SplitWriter:
         shards = []
         for name, info in sorted(self._shards.items()):
             path = self.tmp / name
-            _fsync(path)
+            fsync_path(path)
             shards.append(
                 ShardInfo(
                     name,
@@ -128,7 +128,7 @@ class SplitWriter:
             self.split, shards, V, T, size, fps, dict(has), source, generator, created_by=created_by
         )
         manifest.save(self.tmp)
-        _fsync(self.tmp)
+        fsync_path(self.tmp)
         if self.final.exists():
             old = self.root / f".{self.split}.old{os.getpid()}"
             os.replace(self.final, old)
@@ -136,7 +136,7 @@ class SplitWriter:
             shutil.rmtree(old)
         else:
             os.replace(self.tmp, self.final)
-        _fsync(self.root)
+        fsync_path(self.root)
         return manifest
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -144,15 +144,6 @@ class SplitWriter:
             if self._sink is not None:
                 self._sink.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_split(

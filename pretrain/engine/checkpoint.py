@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from data_shards.manifest import sha256_file
+from data_shards.manifest import atomic_write_text, fsync_path, sha256_file
 from pretrain.engine import dist
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,6 @@ def load_file_safely(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     refuse_unsafe_torch_load()
     with torch.serialization.safe_globals(allowed_globals()):
         return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_error(path: str | Path, err: BaseException, written: int = 0) -> str:
@@ -256,23 +248,13 @@ def verify(path: Path) -> dict[str, Any]:
 def _commit(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
     """Rank 0: manifest into ``tmp``, fsync, rename to ``final``, replace the pointer."""
     root = final.parent
-    target = tmp / MANIFEST
-    with open(target.with_suffix(".part"), "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(target.with_suffix(".part"), target)
+    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, reverse=True):
-        _fsync(d, directory=True)
+        fsync_path(d)
     os.rename(tmp, final)
-    _fsync(root, directory=True)
-    pointer = root / f".{POINTER}.part"
-    with open(pointer, "w") as f:
-        f.write(final.name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer, root / POINTER)
-    _fsync(root, directory=True)
+    fsync_path(root)
+    atomic_write_text(root / POINTER, final.name + "\n")
+    fsync_path(root)
 
 
 def _hash_unreported(tmp: Path, reported: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
