@@ -37,18 +37,22 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-def test_print_config_and_bad_overrides():
-    r = posebert("pretrain", "--recipe", "debug_cpu", "--out", "x", "--print-config",
-                 "--set", "model.encoder.depth=3")  # fmt: skip
-    assert r.returncode == 0 and json.loads(r.stdout)["model"]["encoder"]["depth"] == 3
+def test_print_config_and_bad_overrides(capsys):
+    from posebert.cli import main
+
+    assert main(["pretrain", "--recipe", "debug_cpu", "--out", "x", "--print-config",
+                 "--set", "model.encoder.depth=3"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert json.loads(out)["model"]["encoder"]["depth"] == 3  # stdout is pure JSON
     for bad, needle in [("model.encoder.dept=3", "model.encoder.dept: unknown field"),
                         ("objective.negatives.kind=random", "objective.negatives.kind"),
-                        ("engine.zero_stage=7", "zero_stage")]:  # fmt: skip
-        r = posebert("pretrain", "--recipe", "debug_cpu", "--out", "x", "--set", bad)
-        assert r.returncode == 2 and needle in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = posebert("pretrain", "--recipe", "nope", "--out", "x")
-    assert r.returncode == 2 and "unknown recipe" in r.stderr
+                        ("engine.zero_stage=7", "zero_stage"),
+                        ("train.max_steps=many", "train.max_steps")]:  # fmt: skip
+        assert main(["pretrain", "--recipe", "debug_cpu", "--out", "x", "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert main(["pretrain", "--recipe", "nope", "--out", "x"]) == 2
+    assert "unknown recipe" in capsys.readouterr().err
 
 
 def test_gt_pose_without_3d_labels_fails_at_start(tmp_path):
