@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from finetune.embed import Embeddings, is_complete, open_verified, save_verified
+from finetune.metrics import mpjpe, p_mpjpe
 
 FAISS_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 INDEX_KINDS = ("flat", "ivfpq")
@@ -213,39 +214,12 @@ def exclusions(query: Embeddings, gallery: Embeddings, config: RetrievalConfig) 
 # ------------------------------------------------------------------------ errors and scores
 
 
-def _local_mpjpe(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """(..., J, 3) -> (...): mean joint distance (protocol 1)."""
-    return np.linalg.norm(pred - target, axis=-1).mean(axis=-1)
+def _per_frame_mpjpe(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    return np.asarray(mpjpe(pred, target, reduce="none"))
 
 
-def _local_p_mpjpe(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """(..., J, 3) -> (...): MPJPE after aligning ``pred`` to ``target`` by the similarity
-    (rotation, scale, translation; no reflection) that minimises the squared error (protocol 2,
-    Umeyama / orthogonal Procrustes)."""
-    A = pred - pred.mean(axis=-2, keepdims=True)
-    B = target - target.mean(axis=-2, keepdims=True)
-    U, S, Vt = np.linalg.svd(np.swapaxes(A, -1, -2) @ B)  # A^T B = U S Vt, (..., 3, 3)
-    sign = np.sign(np.linalg.det(U @ Vt))  # -1 would be a reflection: flip the weakest axis
-    S[..., -1] *= sign
-    U[..., :, -1] *= sign[..., None]
-    R = U @ Vt
-    scale = S.sum(axis=-1) / np.maximum((A**2).sum(axis=(-1, -2)), 1e-12)
-    aligned = scale[..., None, None] * (A @ R)
-    return np.linalg.norm(aligned - B, axis=-1).mean(axis=-1)
-
-
-try:  # the shared protocol implementations (finetune.metrics), one value per pose
-    from finetune.metrics import mpjpe as _shared_mpjpe
-    from finetune.metrics import p_mpjpe as _shared_p_mpjpe
-
-    def _per_frame_mpjpe(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-        return np.asarray(_shared_mpjpe(pred, target, reduce="none"))
-
-    def _per_frame_p_mpjpe(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-        return np.asarray(_shared_p_mpjpe(pred, target, reduce="none"))
-
-except ImportError:  # pragma: no cover - metrics not importable: the local equivalents
-    _per_frame_mpjpe, _per_frame_p_mpjpe = _local_mpjpe, _local_p_mpjpe
+def _per_frame_p_mpjpe(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    return np.asarray(p_mpjpe(pred, target, reduce="none"))
 
 
 @dataclasses.dataclass
