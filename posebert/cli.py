@@ -22,6 +22,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from data_shards.cli import register as register_shards
+    from finetune.cli import register as register_finetune
     from pretrain.cli import register as register_pretrain
 
     parser = OneLineParser(prog="posebert", description=__doc__.splitlines()[0])
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages = parser.add_subparsers(dest="stage", required=True, parser_class=OneLineParser)
     register_shards(stages)
     register_pretrain(stages)
+    register_finetune(stages)
     return parser
 
 

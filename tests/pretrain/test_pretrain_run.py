@@ -98,6 +98,16 @@ def test_debug_cpu_matches_golden_curve_and_exports(shards, tmp_path):
     with torch.no_grad():
         assert model.embed(frames).shape == (1, 2, 8, 64)
 
+    from posebert.cli import main
+
+    out = tmp_path / "retrieval"
+    assert main(["evaluate", "retrieval", "--encoder", str(enc), "--shards", str(shards),
+                 "--out", str(out), "--k", "3"]) == 0  # fmt: skip
+    rows = json.loads((out / "retrieval.json").read_text())["rows"]
+    assert set(rows) == {"model", "random-init", "raw pixels 16x16", "oracle", "chance"}
+    assert rows["oracle"]["mpjpe"]["top1"] <= rows["chance"]["mpjpe"]["top1"]
+    assert "| oracle |" in (out / "retrieval.md").read_text()
+
 
 def test_two_processes_zero2_loss_decreases_and_reruns_resume(shards, tmp_path):
     run = tmp_path / "run2"
