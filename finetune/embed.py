@@ -161,7 +161,8 @@ class EncoderEmbedder:
     """A frozen PoseBERT (eval, no grad): ``model.embed`` contextualised over the window."""
 
     def __init__(self, model: torch.nn.Module, fingerprint: str | None = None,
-                 device: str | torch.device = "cpu"):  # fmt: skip
+                 device: str | torch.device = "cpu", transforms: tuple = ()):  # fmt: skip
+        self.transforms = tuple(transforms)  # frames as the encoder saw them in training
         self.model = model.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
         self.fingerprint = fingerprint or module_fingerprint(model)
@@ -169,9 +170,12 @@ class EncoderEmbedder:
     @classmethod
     def from_dir(cls, path: str | os.PathLike, device: str = "cpu") -> EncoderEmbedder:
         """An exported encoder directory; fingerprint = hash of its weights and config files."""
-        from pretrain.export import load_encoder
+        from data_shards.transforms import Resize
+        from pretrain.export import CONFIG, load_encoder
 
-        return cls(load_encoder(path), encoder_dir_fingerprint(path), device)
+        size = json.loads((Path(path) / CONFIG).read_text()).get("input", {}).get("size")
+        transforms = (Resize(size),) if size else ()
+        return cls(load_encoder(path), encoder_dir_fingerprint(path), device, transforms)
 
     @torch.no_grad()
     def __call__(self, frames: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
@@ -237,7 +241,8 @@ def embed_split(
     """Every frame of ``split_dir`` embedded once (rank 0 of 1, no shuffle, no drop)."""
     embedder = as_embedder(encoder)
     config = ReaderConfig(str(split_dir), batch_size=batch_size, shuffle=False,
-                          drop_last=False, num_workers=num_workers)  # fmt: skip
+                          drop_last=False, num_workers=num_workers,
+                          transforms=getattr(embedder, "transforms", ()))  # fmt: skip
     reader = ShardReader(config, rank=0, world_size=1)
     if reader.layout.samples == 0:
         raise ValueError(f"{split_dir}: the split is empty")

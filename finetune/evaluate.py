@@ -22,7 +22,7 @@ from finetune.retrieval import RetrievalConfig, cached_index, reference_rows, re
 def _embedders(encoder_dir: Path, seed: int) -> dict:
     model = EncoderEmbedder.from_dir(encoder_dir)
     torch.manual_seed(seed)
-    random_init = EncoderEmbedder(type(model.model)(model.model.cfg))
+    random_init = EncoderEmbedder(type(model.model)(model.model.cfg), transforms=model.transforms)
     return {"model": model, "random-init": random_init, "raw pixels 16x16": RawPixels(16)}
 
 

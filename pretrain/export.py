@@ -68,7 +68,8 @@ def export_encoder(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     tmp = out / f".{WEIGHTS}.tmp"
     save_file(weights, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / WEIGHTS)
-    meta = {"model": to_dict(model_cfg), "source_run": str(run.resolve()),
+    size = run_config.get("data", {}).get("size")  # frames were resized to this in training
+    meta = {"model": to_dict(model_cfg), "input": {"size": size}, "source_run": str(run.resolve()),
             "checkpoint": ckpt.name, "recipe": run_config.get("recipe")}  # fmt: skip
     (out / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
     return out

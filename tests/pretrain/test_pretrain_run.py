@@ -93,6 +93,7 @@ def test_debug_cpu_matches_golden_curve_and_exports(shards, tmp_path):
     assert r.returncode == 0, r.stderr
     from pretrain.export import load_encoder
 
+    assert json.loads((enc / "config.json").read_text())["input"] == {"size": 32}
     model = load_encoder(enc)
     frames = torch.zeros(1, 2, 8, 3, 32, 32, dtype=torch.uint8)
     with torch.no_grad():
