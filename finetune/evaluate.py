@@ -16,6 +16,7 @@ import torch
 
 from data_shards.manifest import Manifest, atomic_write_text, find_splits
 from finetune.embed import EncoderEmbedder, RawPixels, embed_split_cached
+from finetune.gallery import gallery_png
 from finetune.retrieval import RetrievalConfig, cached_index, reference_rows, retrieve
 
 
@@ -31,23 +32,25 @@ def run_retrieval(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
                   query_split: str = "val", batch_size: int = 8,
                   progress: bool = True) -> dict:  # fmt: skip
     """Embed train (gallery) and ``query_split`` for every row, search, score; write
-    ``OUT/retrieval.json`` and ``OUT/retrieval.md``; return the JSON content."""
+    ``OUT/retrieval.json``, ``OUT/retrieval.md`` and ``OUT/gallery.png`` (the model's top-1
+    retrievals); return the JSON content."""
     splits = find_splits(shards)
     for name in ("train", query_split):
         if name not in splits:
             raise ValueError(f"{shards}: no {name!r} split (have {', '.join(splits)})")
     out = Path(out_dir)
     cache = out / "cache"
-    rows, query, gallery = {}, None, None
+    rows, query, gallery, shown = {}, None, None, None
     for name, embedder in _embedders(Path(encoder_dir), config.seed).items():
         gallery, folder = embed_split_cached(embedder, splits["train"], cache, batch_size,
                                              progress=progress)  # fmt: skip
         query, _ = embed_split_cached(embedder, splits[query_split], cache, batch_size,
                                       progress=progress)  # fmt: skip
         index = cached_index(gallery, folder, config)
-        rows[name] = retrieve(query, gallery, config, index).summary(
-            config.ks, config.thresholds_mm
-        )
+        scores = retrieve(query, gallery, config, index)
+        rows[name] = scores.summary(config.ks, config.thresholds_mm)
+        if name == "model":  # the gallery picture shows the model's retrievals
+            shown = (query, gallery, scores)
     for name, scores in reference_rows(query, gallery, config).items():
         rows[name] = scores.summary(config.ks, config.thresholds_mm)
     manifest = Manifest.load(splits[query_split])
@@ -65,6 +68,7 @@ def run_retrieval(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "retrieval.json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(out / "retrieval.md", markdown_table(result))
+    gallery_png(*shown, splits[query_split], splits["train"], out / "gallery.png", seed=config.seed)
     return result
 
 

@@ -108,6 +108,7 @@ def test_debug_cpu_matches_golden_curve_and_exports(shards, tmp_path):
     assert set(rows) == {"model", "random-init", "raw pixels 16x16", "oracle", "chance"}
     assert rows["oracle"]["mpjpe"]["top1"] <= rows["chance"]["mpjpe"]["top1"]
     assert "| oracle |" in (out / "retrieval.md").read_text()
+    assert (out / "gallery.png").stat().st_size > 5_000
 
 
 def test_two_processes_zero2_loss_decreases_and_reruns_resume(shards, tmp_path):
