@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_shards.manifest import MANIFEST_NAME, fsync_path, sha256_file
+from data_shards.manifest import MANIFEST_NAME, atomic_write_bytes, sha256_file
 from data_shards.read import ReaderConfig, ShardReader
 from data_shards.skeleton import root_relative
 
@@ -61,19 +61,9 @@ def save_verified(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(data).hexdigest()
     checksum_path(path).unlink(missing_ok=True)
-    _atomic_write(path, data)
-    _atomic_write(checksum_path(path), f"{digest}  {path.name}\n".encode())
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(checksum_path(path), f"{digest}  {path.name}\n".encode())
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def is_complete(path: str | os.PathLike) -> bool:

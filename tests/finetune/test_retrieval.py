@@ -181,7 +181,7 @@ def test_tampered_index_refused_before_reading(tmp_path, monkeypatch):
 def test_rerun_after_kill_is_idempotent(split, tmp_path, monkeypatch):
     split_dir = split[0]
     clean, _ = embed_split_cached(RawPixels(4), split_dir, tmp_path / "clean", progress=False)
-    real_write, calls = embed_mod._atomic_write, []
+    real_write, calls = embed_mod.atomic_write_bytes, []
 
     def killed_before_checksum(path, data):  # the data file lands, then the process dies
         calls.append(path.name)
@@ -190,10 +190,10 @@ def test_rerun_after_kill_is_idempotent(split, tmp_path, monkeypatch):
         real_write(path, data)
 
     cache = tmp_path / "cache"
-    monkeypatch.setattr(embed_mod, "_atomic_write", killed_before_checksum)
+    monkeypatch.setattr(embed_mod, "atomic_write_bytes", killed_before_checksum)
     with pytest.raises(KeyboardInterrupt):
         embed_split_cached(RawPixels(4), split_dir, cache, progress=False)
-    monkeypatch.setattr(embed_mod, "_atomic_write", real_write)
+    monkeypatch.setattr(embed_mod, "atomic_write_bytes", real_write)
     (folder,) = cache.iterdir()
     assert (folder / "embeddings-l2norm.npz").exists()  # a half-done entry: data, no checksum
     (folder / ".embeddings-l2norm.npz.tmp999").write_bytes(b"half a file")  # a stale temp
