@@ -13,13 +13,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-# Main job: build the embedded real-motion shards, verify them, print their statistics and
-# draw a contact sheet of the validation split.
+# Main job: the whole pipeline on the embedded real-motion data (shards, DeepSpeed pretraining
+# on 2 processes, export, retrieval, pose and future heads), ending in $(OUT)/results.md.
+# DEMO_ARGS=--quick runs it on a sliver in a few minutes.
 demo: install
-	$(BIN)/posebert shards synth --out $(OUT)/shards --overwrite $(SYNTH_ARGS)
-	$(BIN)/posebert shards verify $(OUT)/shards
-	$(BIN)/posebert shards stats $(OUT)/shards
-	$(BIN)/posebert shards preview $(OUT)/shards --split val --out $(OUT)/preview-val.png
+	$(BIN)/posebert demo --out $(OUT) $(DEMO_ARGS)
 
 test: install
 	$(BIN)/ruff check .

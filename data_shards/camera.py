@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data_shards.skeleton import root_relative
+
 
 def world_to_camera(points: np.ndarray, R: np.ndarray, t: np.ndarray) -> np.ndarray:
     """(..., 3) world points -> camera coordinates. R (3, 3), t (3,)."""
@@ -24,6 +26,17 @@ def world_to_camera(points: np.ndarray, R: np.ndarray, t: np.ndarray) -> np.ndar
 def camera_to_world(points: np.ndarray, R: np.ndarray, t: np.ndarray) -> np.ndarray:
     """(..., 3) camera points -> world coordinates (inverse of :func:`world_to_camera`)."""
     return (points - np.asarray(t)) @ np.asarray(R)
+
+
+def camera_root_relative(pose3d: np.ndarray, Rt: np.ndarray) -> np.ndarray:
+    """World poses of a window seen by each view: root-relative, in camera coordinates.
+
+    pose3d (..., T, J, 3) world mm and Rt (..., V, 3, 4) -> (..., V, T, J, 3) mm. What one image
+    determines; the translation cancels, so only R is applied.
+    """
+    rel = root_relative(np.asarray(pose3d, dtype=np.float64))
+    R = np.asarray(Rt, dtype=np.float64)[..., :3, :3]
+    return np.einsum("...vij,...tkj->...vtki", R, rel)
 
 
 def project_camera(points_cam: np.ndarray, K: np.ndarray) -> np.ndarray:

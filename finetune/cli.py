@@ -1,8 +1,9 @@
-"""`posebert evaluate retrieval`."""
+"""`posebert evaluate retrieval`, `posebert finetune pose|future` and `posebert demo`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,17 +21,111 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude-same-clip", action="store_true", help="never match the same clip")
     p.add_argument("--cross-view", action="store_true", help="gallery from other cameras only")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="embed with N local processes (not under torchrun or srun)")  # fmt: skip
     p.set_defaults(handler=cmd_retrieval)
+
+    finetune = stages.add_parser("finetune", help="train and score a head on the shards")
+    cmds = finetune.add_subparsers(dest="command", required=True, parser_class=type(finetune))
+    p = cmds.add_parser("pose", help="3D pose regression head: linear probe and full fine-tune")
+    p.add_argument("--encoder", required=True, help="exported encoder (posebert export)")
+    p.add_argument("--shards", required=True, help="shard root with train and eval splits")
+    p.add_argument("--out", required=True, help="output directory (pose.json, .md, .png)")
+    p.add_argument("--labels", default=None, metavar="F,F,...",
+                   help="label fractions of the train windows (default 0.01,0.1,1)")  # fmt: skip
+    p.add_argument("--modes", default=None, help="probe, full or probe,full (default both)")
+    p.add_argument("--cache", default=None,
+                   help="embedding cache folder (default OUT/cache; retrieval's OUT/cache "
+                   "reuses its embeddings)")  # fmt: skip
+    _add_set(p, "pose")
+    p.set_defaults(handler=cmd_pose)
+
+    p = cmds.add_parser("future", help="Pose-GPT future 3D pose prediction with baselines")
+    p.add_argument("--shards", required=True, help="shard root with train and eval splits")
+    p.add_argument("--out", required=True, help="output directory (future.json, .md, .png)")
+    _add_set(p, "future")
+    p.set_defaults(handler=cmd_future)
+
+    p = stages.add_parser("demo", help="the whole pipeline on the embedded data, one table")
+    p.add_argument("--out", required=True, help="output directory (re-running it continues)")
+    p.add_argument("--quick", action="store_true", help="a sliver of the data, a few minutes")
+    p.add_argument("--nproc-per-node", type=int, default=2, help="pretraining processes")
+    p.set_defaults(handler=cmd_demo)
+
+
+def _add_set(p: argparse.ArgumentParser, head: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a field of the {head} config, e.g. seed=1 "
+                   "(--set help lists them)")  # fmt: skip
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    from finetune.evaluate import run_retrieval
+    from finetune.evaluate import launch_retrieval, run_retrieval
     from finetune.retrieval import RetrievalConfig
 
+    if args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
     config = RetrievalConfig(k=args.k, ks=tuple(sorted({1, args.k})), kind=args.index,
                              exclude_same_clip=args.exclude_same_clip,
                              cross_view=args.cross_view)  # fmt: skip
-    run_retrieval(args.encoder, args.shards, args.out, config, args.queries, args.batch_size,
-                  progress=sys.stderr.isatty())  # fmt: skip
-    print((Path(args.out) / "retrieval.md").read_text())
+    if args.nproc_per_node > 1 and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        argv = ["--encoder", args.encoder, "--shards", args.shards, "--out", args.out,
+                "--queries", args.queries, "--k", str(args.k), "--index", args.index,
+                "--batch-size", str(args.batch_size)]  # fmt: skip
+        argv += ["--exclude-same-clip"] * args.exclude_same_clip
+        argv += ["--cross-view"] * args.cross_view
+        return launch_retrieval(argv, args.nproc_per_node)
+    result = run_retrieval(args.encoder, args.shards, args.out, config, args.queries,
+                           args.batch_size, progress=sys.stderr.isatty())  # fmt: skip
+    if result is not None:  # ranks other than 0 embed their share and return None
+        print((Path(args.out) / "retrieval.md").read_text())
     return 0
+
+
+def _config(cls: type, overrides: list[str], **fields):
+    """``cls`` with the named flags and then ``--set key=value`` overrides applied."""
+    import dataclasses
+
+    from pretrain.configtools import apply_overrides
+
+    if "help" in overrides:
+        for f in dataclasses.fields(cls):
+            print(f"{f.name} = {f.default if f.default is not dataclasses.MISSING else '...'}")
+        raise SystemExit(0)
+    return apply_overrides(cls(**{k: v for k, v in fields.items() if v is not None}), overrides)
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_pose(args: argparse.Namespace) -> int:
+    from finetune.pose import PoseConfig, run_pose
+
+    modes = None if args.modes is None else tuple(m.strip() for m in args.modes.split(","))
+    config = _config(PoseConfig, args.overrides, modes=modes,
+                     label_fractions=_floats(args.labels, "--labels"))  # fmt: skip
+    run_pose(args.encoder, args.shards, args.out, config, progress=sys.stderr.isatty(),
+             cache_dir=args.cache)  # fmt: skip
+    print((Path(args.out) / "pose.md").read_text())
+    return 0
+
+
+def cmd_future(args: argparse.Namespace) -> int:
+    from finetune.future import FutureConfig, run_future
+
+    config = _config(FutureConfig, args.overrides)
+    run_future(args.shards, args.out, config, progress=sys.stderr.isatty())
+    print((Path(args.out) / "future.md").read_text())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from finetune.demo import run_demo
+
+    return run_demo(args.out, quick=args.quick, nproc=args.nproc_per_node)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -121,10 +122,14 @@ class Embeddings:
         """Rows selected by a boolean mask or an index array."""
         return Embeddings(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """Field name -> array (no copies)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def to_bytes(self) -> bytes:
         """An .npz (no pickle: strings are fixed-width unicode arrays)."""
         buf = io.BytesIO()
-        np.savez(buf, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        np.savez(buf, **self.columns())
         return buf.getvalue()
 
     @classmethod
@@ -158,14 +163,16 @@ class EncoderEmbedder:
         self.fingerprint = fingerprint or module_fingerprint(model)
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, device: str = "cpu") -> EncoderEmbedder:
+    def from_dir(cls, path: str | os.PathLike,
+                 device: str | torch.device = "cpu") -> EncoderEmbedder:  # fmt: skip
         """An exported encoder directory; fingerprint = hash of its weights and config files."""
         from data_shards.transforms import Resize
         from pretrain.export import CONFIG, load_encoder
 
+        model = load_encoder(path)  # first: it names a directory that is not an encoder
         size = json.loads((Path(path) / CONFIG).read_text()).get("input", {}).get("size")
         transforms = (Resize(size),) if size else ()
-        return cls(load_encoder(path), encoder_dir_fingerprint(path), device, transforms)
+        return cls(model, encoder_dir_fingerprint(path), device, transforms)
 
     @torch.no_grad()
     def __call__(self, frames: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
@@ -220,6 +227,107 @@ def as_embedder(encoder: torch.nn.Module | FrameEmbedder) -> FrameEmbedder:
     return encoder
 
 
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available (one GPU per local rank), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from pretrain.engine.dist import DistEnv
+
+    return torch.device("cuda", DistEnv.from_environ().local_rank)
+
+
+def _ranks(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
+    """(rank, world size, whether torch.distributed connects exactly these ranks). None, None:
+    the initialised process group's, else rank 0 of 1."""
+    from pretrain.engine import dist
+
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"give both rank and world_size or neither (got {rank}, {world_size})")
+    group = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else None
+    if rank is None or world_size is None:
+        rank, world_size = group or (0, 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+    if group and group[1] == world_size and group[0] != rank:
+        raise ValueError(f"rank={rank} but torch.distributed says rank {group[0]}")
+    return rank, world_size, group == (rank, world_size) and world_size > 1
+
+
+def embed_split_part(
+    encoder: torch.nn.Module | FrameEmbedder,
+    split_dir: str | os.PathLike,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 8,
+    normalize: bool = True,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[Embeddings, np.ndarray]:
+    """Rank ``rank``'s share of the split (a contiguous range of the manifest's samples, no
+    shuffle, no drop): its rows ordered sample, view, frame, and the samples' positions in the
+    manifest (one per sample, ascending). Memory: one batch of frames at a time (plus the
+    loader's prefetch); only the rows (vectors, poses, labels) accumulate."""
+    embedder = as_embedder(encoder)
+    config = ReaderConfig(str(split_dir), batch_size=batch_size, shuffle=False,
+                          drop_last=False, num_workers=num_workers,
+                          transforms=getattr(embedder, "transforms", ()))  # fmt: skip
+    reader = ShardReader(config, rank=rank, world_size=world_size)
+    if reader.layout.samples == 0:
+        raise ValueError(f"{split_dir}: the split is empty")
+    lo, hi = reader.dataset.plan.rank_range()
+    parts: list[dict[str, np.ndarray]] = []
+    seen: set[int] = set()
+    where = f" [rank {rank}/{world_size}]" if world_size > 1 else ""
+    bar = tqdm(total=hi - lo, desc=f"embed {Path(split_dir).name}{where}", unit="sample",
+               disable=not progress or rank != 0)  # fmt: skip
+    for batch in reader:
+        if "pose3d" not in batch or "Rt" not in batch:
+            raise ValueError(f"{split_dir}: samples lack pose3d or cameras (Rt)")
+        index = batch["index"].tolist()
+        keep = [b for b, i in enumerate(index) if i not in seen]  # padded repeats
+        seen.update(index)
+        if not keep:
+            continue
+        vectors = embedder(batch["frames"], batch.get("masks"))[keep].numpy()  # (B, V, T, D)
+        parts.append(_batch_rows(batch, keep, vectors.astype(np.float32, copy=False)))
+        bar.update(len(keep))
+    bar.close()
+    if not parts:
+        return _empty_rows(reader.layout), np.zeros(0, dtype=np.int64)
+    rows = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    del parts
+    samples = rows.pop("samples")
+    order = np.argsort(samples, kind="stable")  # worker round robin -> manifest order
+    if (order != np.arange(len(order))).any():
+        per = len(rows["vectors"]) // len(samples)  # V * T rows per sample
+        take = (order[:, None] * per + np.arange(per)).ravel()
+        rows = {name: v[take] for name, v in rows.items()}
+    if normalize:  # per row: the same in a part as in the whole split
+        vectors = rows["vectors"]
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    rows["vectors"] = np.ascontiguousarray(rows["vectors"])
+    return Embeddings(**rows), samples[order]
+
+
+def merge_parts(parts: list[tuple[Embeddings, np.ndarray]]) -> Embeddings:
+    """Rank parts -> the whole split's rows, ordered by the samples' manifest positions (not by
+    arrival); a sample in several parts is kept once. Equal, row for row, to one process."""
+    parts = [(emb, samples) for emb, samples in parts if len(samples)]
+    if not parts:
+        raise ValueError("no sample of the split could be read")
+    samples = np.concatenate([s for _, s in parts])
+    rows = sum(len(emb) for emb, _ in parts)
+    per = rows // len(samples)
+    if per * len(samples) != rows:
+        raise ValueError(f"{rows} rows are not whole samples of the same size ({len(samples)})")
+    _, first = np.unique(samples, return_index=True)  # ascending positions, first occurrence
+    take = (first[:, None] * per + np.arange(per)).ravel()
+    if len(parts) == 1 and len(take) == rows and (take == np.arange(rows)).all():
+        return parts[0][0]
+    return Embeddings(**{f.name: np.concatenate([getattr(e, f.name) for e, _ in parts])[take]
+                         for f in dataclasses.fields(Embeddings)})  # fmt: skip
+
+
 def embed_split(
     encoder: torch.nn.Module | FrameEmbedder,
     split_dir: str | os.PathLike,
@@ -227,60 +335,67 @@ def embed_split(
     normalize: bool = True,
     num_workers: int = 0,
     progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> Embeddings:
-    """Every frame of ``split_dir`` embedded once (rank 0 of 1, no shuffle, no drop)."""
-    embedder = as_embedder(encoder)
-    config = ReaderConfig(str(split_dir), batch_size=batch_size, shuffle=False,
-                          drop_last=False, num_workers=num_workers,
-                          transforms=getattr(embedder, "transforms", ()))  # fmt: skip
-    reader = ShardReader(config, rank=0, world_size=1)
-    if reader.layout.samples == 0:
-        raise ValueError(f"{split_dir}: the split is empty")
-    rows: dict[str, list] = {name: [] for name in ("vectors", "pose3d", *LABELS, *INDICES)}
-    seen: set[str] = set()
-    bar = tqdm(total=reader.layout.samples, desc=f"embed {Path(split_dir).name}",
-               unit="sample", disable=not progress)  # fmt: skip
-    for batch in reader:
-        if "pose3d" not in batch or "Rt" not in batch:
-            raise ValueError(f"{split_dir}: samples lack pose3d or cameras (Rt)")
-        keep = [b for b, key in enumerate(batch["keys"]) if key not in seen]  # padded repeats
-        seen.update(batch["keys"])
-        if not keep:
-            continue
-        vectors = embedder(batch["frames"], batch.get("masks"))[keep].numpy()  # (B, V, T, D)
-        _append_batch(rows, batch, keep, vectors)
-        bar.update(len(keep))
-    bar.close()
-    vectors = np.concatenate(rows.pop("vectors")).astype(np.float32)
-    if normalize:
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return Embeddings(
-        vectors=np.ascontiguousarray(vectors),
-        pose3d=np.concatenate(rows.pop("pose3d")).astype(np.float32),
-        **{k: np.asarray(v, dtype=str) for k, v in rows.items() if k in LABELS},
-        **{k: np.asarray(v, dtype=np.int64) for k, v in rows.items() if k in INDICES},
-    )
+    """Every frame of ``split_dir`` embedded once, rows ordered sample (manifest order), view,
+    frame.
+
+    Under torch.distributed (initialised; or ``rank``/``world_size`` matching it) each rank
+    embeds its share (:func:`embed_split_part`) and the parts are all-gathered: every rank
+    returns the same rows as one process would. Without a process group, several ranks need
+    a shared folder to meet in: use :func:`embed_split_cached`.
+    """
+    rank, world_size, grouped = _ranks(rank, world_size)
+    if world_size > 1 and not grouped:
+        raise ValueError(
+            f"rank {rank} of {world_size} without torch.distributed: embed_split cannot gather "
+            "the parts; use embed_split_cached (it meets in the cache folder)"
+        )
+    part = embed_split_part(encoder, split_dir, rank, world_size, batch_size, normalize,
+                            num_workers, progress)  # fmt: skip
+    if world_size == 1:
+        return merge_parts([part])
+    from pretrain.engine import dist
+
+    return merge_parts(dist.all_gather_object(part))
 
 
-def _append_batch(rows: dict[str, list], batch: dict, keep: list[int], vectors: np.ndarray) -> None:
-    """Flatten (B, V, T) into rows: vectors, camera-frame root-relative poses, labels."""
+def _batch_rows(batch: dict, keep: list[int], vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """Flatten (B, V, T) into rows: vectors, camera-frame root-relative poses, labels, and the
+    position of each kept sample (one per sample)."""
     B, V, T, D = vectors.shape
-    rows["vectors"].append(vectors.reshape(B * V * T, D))
     world = root_relative(batch["pose3d"][keep].double().numpy())  # (B, T, J, 3)
     R = batch["Rt"][keep, :, :, :3].double().numpy()  # (B, V, 3, 3)
     # X_cam = R X_world + t; root-relative, t cancels: rotate only
     cam = np.einsum("bvij,btkj->bvtki", R, world)  # (B, V, T, J, 3)
-    rows["pose3d"].append(cam.reshape(B * V * T, *cam.shape[-2:]))
-    for b in keep:
-        meta = batch["meta"][b]
-        for v in range(V):
-            for t in range(T):
-                rows["keys"].append(batch["keys"][b])
-                rows["clips"].append(meta.clip)
-                rows["actions"].append(meta.action)
-                rows["cameras"].append(meta.views[v].camera)
-                rows["views"].append(v)
-                rows["frames"].append(meta.frames[t])
+    metas = [batch["meta"][b] for b in keep]
+
+    def per_row(values: list, axes: str) -> np.ndarray:  # (B,), (B, V) or (B, T) -> (B*V*T,)
+        a = np.asarray(values)
+        a = a[:, None, None] if axes == "b" else a[:, :, None] if axes == "bv" else a[:, None]
+        return np.broadcast_to(a, (B, V, T)).ravel()
+
+    return dict(
+        vectors=vectors.reshape(B * V * T, D),
+        pose3d=cam.reshape(B * V * T, *cam.shape[-2:]).astype(np.float32),
+        keys=per_row([batch["keys"][b] for b in keep], "b").astype(str),
+        clips=per_row([m.clip for m in metas], "b").astype(str),
+        actions=per_row([m.action for m in metas], "b").astype(str),
+        cameras=per_row([[m.views[v].camera for v in range(V)] for m in metas], "bv").astype(str),
+        views=per_row([list(range(V)) for _ in metas], "bv").astype(np.int64),
+        frames=per_row([list(m.frames) for m in metas], "bt").astype(np.int64),
+        samples=batch["index"][keep].numpy().astype(np.int64),
+    )
+
+
+def _empty_rows(layout) -> Embeddings:
+    """No rows (a rank whose samples were all unreadable)."""
+    from data_shards.skeleton import NUM_JOINTS
+
+    text, ints = np.zeros(0, dtype=str), np.zeros(0, np.int64)
+    return Embeddings(np.zeros((0, 0), np.float32), np.zeros((0, NUM_JOINTS, 3), np.float32),
+                      text, text, text, text, ints, ints)  # fmt: skip
 
 
 def embed_split_cached(
@@ -289,6 +404,9 @@ def embed_split_cached(
     cache_dir: str | os.PathLike,
     batch_size: int = 8,
     normalize: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout_s: float = 1800.0,
     **kwargs,
 ) -> tuple[Embeddings, Path]:
     """:func:`embed_split` through the cache; returns the embeddings and their cache folder.
@@ -296,15 +414,117 @@ def embed_split_cached(
     The folder is ``cache_dir/<embedder fingerprint[:16]>-<manifest sha256[:16]>``; a complete
     file is verified before it is read (a mismatch raises :class:`ChecksumError`), a missing or
     half-written one (no checksum) is rebuilt.
+
+    Several ranks (torch.distributed initialised, or explicit ``rank``/``world_size``; every
+    rank calls this): each embeds its share and writes it as a verified part file in the
+    folder; rank 0 merges the parts in manifest order, writes the one cache file and removes
+    the parts; every rank then reads that file, so all return the same rows as one process.
+    With a process group the ranks meet at barriers; without one, in the folder (rank 0 waits
+    for the parts, the others for the cache file; up to ``timeout_s``; one run per cache folder
+    at a time). The folder must be one that every rank sees (one machine, or a shared file
+    system). A part left by a killed run is reused (same embedder, split, batch size and world
+    size: the same rows).
     """
+    path, emb = _ensure_cached(encoder, split_dir, cache_dir, batch_size, normalize, rank,
+                               world_size, timeout_s, **kwargs)  # fmt: skip
+    return (Embeddings.load(path) if emb is None else emb), path.parent
+
+
+def cache_embeddings(
+    encoder: torch.nn.Module | FrameEmbedder,
+    split_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    batch_size: int = 8,
+    normalize: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout_s: float = 1800.0,
+    **kwargs,
+) -> Path:
+    """:func:`embed_split_cached` for ranks that will not use the rows: the same collective
+    (every rank calls it), returns the verified cache file's path and loads nothing."""
+    return _ensure_cached(encoder, split_dir, cache_dir, batch_size, normalize, rank,
+                          world_size, timeout_s, **kwargs)[0]  # fmt: skip
+
+
+def _ensure_cached(encoder, split_dir, cache_dir, batch_size: int, normalize: bool,
+                   rank: int | None, world_size: int | None, timeout_s: float,
+                   **kwargs) -> tuple[Path, Embeddings | None]:  # fmt: skip
+    """The cache file's path, and the rows when this process has just embedded all of them."""
     embedder = as_embedder(encoder)
     folder = Path(cache_dir) / f"{embedder.fingerprint[:16]}-{split_fingerprint(split_dir)[:16]}"
     path = folder / f"embeddings{'-l2norm' if normalize else ''}.npz"
-    if is_complete(path):
-        return Embeddings.load(path), folder
-    emb = embed_split(embedder, split_dir, batch_size, normalize, **kwargs)
+    rank, world_size, grouped = _ranks(rank, world_size)
+    hit = is_complete(path)
+    if grouped:  # every rank takes the branch rank 0 takes
+        from pretrain.engine import dist
+
+        hit = dist.broadcast_object(hit)
+    if hit:
+        return path, None
+    if world_size == 1:
+        emb = embed_split(embedder, split_dir, batch_size, normalize, rank=0, world_size=1,
+                          **kwargs)  # fmt: skip
+        _save_cache(emb, path, embedder, split_dir, normalize)
+        return path, emb
+    _build_from_parts(embedder, split_dir, path, rank, world_size, grouped, batch_size,
+                      normalize, timeout_s, **kwargs)  # fmt: skip
+    return path, None
+
+
+def _save_cache(emb: Embeddings, path: Path, embedder: FrameEmbedder, split_dir, normalize: bool
+                ) -> None:  # fmt: skip
     emb.save(path)
     info = dict(embedder=embedder.fingerprint, split=str(split_dir), rows=len(emb),
                 dim=int(emb.vectors.shape[1]), normalize=normalize)  # fmt: skip
-    save_verified(folder / "info.json", json.dumps(info, indent=1).encode())
-    return emb, folder
+    save_verified(path.parent / "info.json", json.dumps(info, indent=1).encode())
+
+
+def _part_path(path: Path, rank: int, world_size: int, batch_size: int) -> Path:
+    return path.parent / "parts" / f"{path.stem}.b{batch_size}.rank{rank}-of-{world_size}.npz"
+
+
+def _build_from_parts(embedder: FrameEmbedder, split_dir, path: Path, rank: int,
+                      world_size: int, grouped: bool, batch_size: int, normalize: bool,
+                      timeout_s: float, **kwargs) -> None:  # fmt: skip
+    """Each rank's share -> a verified part file; rank 0 merges them into ``path``."""
+    parts = [_part_path(path, r, world_size, batch_size) for r in range(world_size)]
+    if not is_complete(parts[rank]):
+        emb, samples = embed_split_part(embedder, split_dir, rank, world_size, batch_size,
+                                        normalize, **kwargs)  # fmt: skip
+        buf = io.BytesIO()
+        np.savez(buf, samples=samples, **emb.columns())
+        del emb
+        save_verified(parts[rank], buf.getvalue())
+        del buf
+    _meet(grouped, parts if rank == 0 else [], timeout_s)  # every part written
+    if rank == 0:
+        merged = merge_parts([_read_part(p) for p in parts])
+        _save_cache(merged, path, embedder, split_dir, normalize)
+        del merged
+        for p in parts:  # after the cache file is complete: a kill before this leaves parts
+            checksum_path(p).unlink(missing_ok=True)
+            p.unlink(missing_ok=True)
+    _meet(grouped, [path], timeout_s)  # the cache file written
+
+
+def _read_part(path: Path) -> tuple[Embeddings, np.ndarray]:
+    with np.load(io.BytesIO(open_verified(path)), allow_pickle=False) as z:
+        emb = Embeddings(**{f.name: z[f.name] for f in dataclasses.fields(Embeddings)})
+        return emb, z["samples"]
+
+
+def _meet(grouped: bool, paths: list[Path], timeout_s: float, poll_s: float = 0.2) -> None:
+    """A barrier: torch.distributed's, or (no process group) wait until ``paths`` are complete
+    (written with their checksum)."""
+    if grouped:
+        from pretrain.engine import dist
+
+        dist.barrier()
+        return
+    deadline = time.monotonic() + timeout_s
+    while not all(is_complete(p) for p in paths):
+        if time.monotonic() > deadline:
+            missing = [p.name for p in paths if not is_complete(p)]
+            raise TimeoutError(f"waited {timeout_s:g} s for {', '.join(missing)}")
+        time.sleep(poll_s)

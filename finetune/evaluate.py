@@ -4,49 +4,88 @@ Rows, all searched the same way: the pretrained encoder, the same architecture a
 initialisation, raw pixels (frames downsampled to 16 x 16), and the references oracle (the train
 frame nearest in ground-truth pose) and chance (a random train frame). Poses are compared
 root-relative in the query camera's coordinates (what one image determines), in mm.
+
+Several processes (``launch_retrieval``, torchrun or srun): every rank embeds its share of each
+split on its own device (``cuda:LOCAL_RANK`` when there is a GPU), rank 0 merges them into the
+cache; rank 0 alone searches and writes the outputs, the other ranks return None as soon as
+the embeddings are cached (a barrier would time out while rank 0 searches millions of frames).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from data_shards.manifest import Manifest, atomic_write_text, find_splits
-from finetune.embed import EncoderEmbedder, RawPixels, embed_split_cached
+from finetune.embed import (
+    Embeddings,
+    EncoderEmbedder,
+    RawPixels,
+    cache_embeddings,
+    default_device,
+)
 from finetune.gallery import gallery_png
+from finetune.report import gap_closed, md_table
 from finetune.retrieval import RetrievalConfig, cached_index, reference_rows, retrieve
 
 
-def _embedders(encoder_dir: Path, seed: int) -> dict:
-    model = EncoderEmbedder.from_dir(encoder_dir)
+def _embedders(encoder_dir: Path, seed: int, device: torch.device) -> dict:
+    model = EncoderEmbedder.from_dir(encoder_dir, device)
     torch.manual_seed(seed)
-    random_init = EncoderEmbedder(type(model.model)(model.model.cfg), transforms=model.transforms)
+    random_init = EncoderEmbedder(type(model.model)(model.model.cfg), device=device,
+                                  transforms=model.transforms)  # fmt: skip
     return {"model": model, "random-init": random_init, "raw pixels 16x16": RawPixels(16)}
 
 
 def run_retrieval(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
                   out_dir: str | os.PathLike, config: RetrievalConfig,
                   query_split: str = "val", batch_size: int = 8,
-                  progress: bool = True) -> dict:  # fmt: skip
+                  progress: bool = True) -> dict | None:  # fmt: skip
     """Embed train (gallery) and ``query_split`` for every row, search, score; write
     ``OUT/retrieval.json``, ``OUT/retrieval.md`` and ``OUT/gallery.png`` (the model's top-1
-    retrievals); return the JSON content."""
+    retrievals); return the JSON content (rank 0; None on the other ranks of a multi-process
+    run, which initialises torch.distributed when the environment names several ranks)."""
     splits = find_splits(shards)
     for name in ("train", query_split):
         if name not in splits:
             raise ValueError(f"{shards}: no {name!r} split (have {', '.join(splits)})")
-    out = Path(out_dir)
+    from pretrain.engine import dist
+
+    env = dist.DistEnv.from_environ()
+    owned = env.world_size > 1 and not dist.is_initialized()
+    if owned:
+        dist.init_distributed(env)
+    try:
+        return _run(Path(encoder_dir), splits, Path(out_dir), config, query_split, batch_size,
+                    progress and dist.is_main())  # fmt: skip
+    finally:
+        if owned:  # no barrier: the other ranks left long before rank 0's search ends
+            dist.shutdown(barrier_first=False)
+
+
+def _run(encoder_dir: Path, splits: dict, out: Path, config: RetrievalConfig, query_split: str,
+         batch_size: int, progress: bool) -> dict | None:  # fmt: skip
+    from pretrain.engine import dist
+
     cache = out / "cache"
+    embedders = _embedders(encoder_dir, config.seed, default_device())
+    files = {(name, split): cache_embeddings(embedder, splits[split], cache, batch_size,
+                                             progress=progress)
+             for name, embedder in embedders.items()
+             for split in ("train", query_split)}  # fmt: skip
+    # every rank took its share above; from here on rank 0 alone (no collective)
+    if not dist.is_main():
+        return None
     rows, query, gallery, shown = {}, None, None, None
-    for name, embedder in _embedders(Path(encoder_dir), config.seed).items():
-        gallery, folder = embed_split_cached(embedder, splits["train"], cache, batch_size,
-                                             progress=progress)  # fmt: skip
-        query, _ = embed_split_cached(embedder, splits[query_split], cache, batch_size,
-                                      progress=progress)  # fmt: skip
-        index = cached_index(gallery, folder, config)
+    for name in embedders:  # one embedder's rows in memory at a time
+        gallery = Embeddings.load(files[name, "train"])
+        query = Embeddings.load(files[name, query_split])
+        index = cached_index(gallery, files[name, "train"].parent, config)
         scores = retrieve(query, gallery, config, index)
         rows[name] = scores.summary(config.ks, config.thresholds_mm)
         if name == "model":  # the gallery picture shows the model's retrievals
@@ -72,6 +111,21 @@ def run_retrieval(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
     return result
 
 
+def launch_retrieval(argv: Sequence[str], nproc: int) -> int:
+    """``posebert evaluate retrieval ARGV`` as ``nproc`` local ranks
+    (:func:`pretrain.engine.launch.launch_local`); ``--nproc-per-node`` in ``argv`` is dropped.
+    Returns 0, or the exit code of the first rank that failed."""
+    from pretrain.engine.launch import launch_local
+
+    args, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--nproc-per-node"):
+            skip = a == "--nproc-per-node"
+            continue
+        args.append(a)
+    return launch_local(nproc, [sys.executable, "-m", "posebert", "evaluate", "retrieval", *args])
+
+
 def markdown_table(result: dict) -> str:
     """One row per method: top-1 / top-k MPJPE and P-MPJPE, Hit@thresholds, and the share of
     the chance -> oracle gap the row closes (top-1 MPJPE)."""
@@ -83,13 +137,12 @@ def markdown_table(result: dict) -> str:
     hits = list(first["hit"])
     head = (["method"] + [f"MPJPE {t}" for t in tops] + [f"P-MPJPE {t}" for t in tops]
             + [f"Hit {h}" for h in hits] + ["gap closed"])  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in rows.items():
-        gap = (chance - r["mpjpe"]["top1"]) / (chance - oracle) if chance != oracle else 0.0
-        cells = ([name] + [f"{r['mpjpe'][t]:.1f}" for t in tops]
-                 + [f"{r['p_mpjpe'][t]:.1f}" for t in tops]
-                 + [f"{r['hit'][h]:.3f}" for h in hits] + [f"{gap:.0%}"])  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = md_table(head, [
+        [name] + [f"{r['mpjpe'][t]:.1f}" for t in tops] + [f"{r['p_mpjpe'][t]:.1f}" for t in tops]
+        + [f"{r['hit'][h]:.3f}" for h in hits]
+        + [f"{gap_closed(r['mpjpe']['top1'], chance, oracle):.0%}"]
+        for name, r in rows.items()
+    ])  # fmt: skip
     p = result["protocol"]
     lines.append(f"\n{p['queries']} queries vs {p['gallery']} gallery; {p['pose']}, "
                  f"{p['units']}; exclude same clip: {p['exclude_same_clip']}; "

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_shards.manifest import atomic_write_text
 from pretrain.configtools import from_dict, to_dict
 from pretrain.engine.checkpoint import CheckpointManager, load_file_safely, verify
 from pretrain.model import PoseBERT, PoseBERTConfig
@@ -63,21 +64,36 @@ def export_encoder(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
                if k.startswith(_PREFIX)}  # fmt: skip
     model_cfg = from_dict(PoseBERTConfig, run_config["model"])
     PoseBERT(model_cfg).load_state_dict(weights)  # refuses missing or unexpected keys
+    size = run_config.get("data", {}).get("size")  # frames were resized to this in training
+    source = {"source_run": str(run.resolve()), "checkpoint": ckpt.name,
+              "recipe": run_config.get("recipe")}  # fmt: skip
+    return save_encoder(weights, model_cfg, out_dir, size, **source)
+
+
+def save_encoder(weights: dict[str, torch.Tensor], model_cfg: PoseBERTConfig,
+                 out_dir: str | os.PathLike, size: int | None, **about) -> Path:  # fmt: skip
+    """Write an encoder directory: ``model.safetensors`` (``weights``, a PoseBERT state dict)
+    and ``config.json`` (the model config, the input ``size`` frames are resized to, ``about``).
+    Both files are replaced atomically; the weights first, so a config never names absent ones.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{WEIGHTS}.tmp"
-    save_file(weights, str(tmp), metadata={"format": "pt"})
+    save_file({k: v.float().contiguous() for k, v in weights.items()}, str(tmp),
+              metadata={"format": "pt"})  # fmt: skip
     os.replace(tmp, out / WEIGHTS)
-    size = run_config.get("data", {}).get("size")  # frames were resized to this in training
-    meta = {"model": to_dict(model_cfg), "input": {"size": size}, "source_run": str(run.resolve()),
-            "checkpoint": ckpt.name, "recipe": run_config.get("recipe")}  # fmt: skip
-    (out / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+    meta = {"model": to_dict(model_cfg), "input": {"size": size}, **about}
+    atomic_write_text(out / CONFIG, json.dumps(meta, indent=1) + "\n")
     return out
 
 
 def load_encoder(path: str | os.PathLike) -> PoseBERT:
     """An exported encoder (eval mode), without DeepSpeed."""
     path = Path(path)
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: not an exported encoder, no {name} "
+                                    "(write one with posebert export)")  # fmt: skip
     meta = json.loads((path / CONFIG).read_text())
     model = PoseBERT(from_dict(PoseBERTConfig, meta["model"]))
     model.load_state_dict(load_file(str(path / WEIGHTS)))
