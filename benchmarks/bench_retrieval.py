@@ -6,7 +6,9 @@
 For each N: N queries against N gallery vectors (float32, standard normal, seeded), top-k by
 squared L2 distance (top-1 is the first column of the same search):
 - FAISS: the project's index and search (:func:`finetune.retrieval.build_index` flat L2 on the
-  CPU, :func:`finetune.retrieval.search` in query chunks of 8,192);
+  CPU, :func:`finetune.retrieval.search` in query chunks of 8,192); and its approximate IVF-PQ
+  index (``--index ivfpq``, default cells / sub-quantizers) with its recall of the exact
+  nearest neighbour (R1@1: ranked first; R1@k: among the k);
 - numpy: chunked ``|g|^2 - 2 q g^T`` (one BLAS sgemm per chunk), argpartition, sort;
 - torch: the same with ``torch.mm`` and ``topk``.
 All three run with the same thread count (``--threads``; FAISS's OpenMP, torch's intra-op pool
@@ -62,6 +64,22 @@ def faiss_topk(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nda
     _, ids = search(index, queries, k)
     t2 = time.perf_counter()
     return ids, dict(build_s=t1 - t0, search_s=t2 - t1)
+
+
+def ivfpq_topk(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, dict]:
+    """The approximate index (``--index ivfpq``): train + add, then search."""
+    t0 = time.perf_counter()
+    index = build_index(gallery, "ivfpq", "l2", gpu=False)
+    t1 = time.perf_counter()
+    _, ids = search(index, queries, k)
+    t2 = time.perf_counter()
+    return ids, dict(build_s=t1 - t0, search_s=t2 - t1)
+
+
+def recall(ids: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
+    """R1@1 (the exact nearest neighbour ranked first) and R1@k (it is among the k)."""
+    first = exact[:, 0]
+    return float((ids[:, 0] == first).mean()), float((ids == first[:, None]).any(1).mean())
 
 
 def numpy_topk(gallery: np.ndarray, queries: np.ndarray, k: int,
@@ -122,6 +140,9 @@ def bench(n: int, d: int, k: int, device: str, brute_queries: int, repeats: int)
     if device == "cpu":
         (ids_f, parts), row["faiss_s"] = timed(lambda: faiss_topk(gallery, queries, k), repeats)
         row.update(faiss_build_s=parts["build_s"], faiss_search_s=parts["search_s"])
+        (ids_q, parts), row["ivfpq_s"] = timed(lambda: ivfpq_topk(gallery, queries, k), repeats)
+        row.update(ivfpq_build_s=parts["build_s"], ivfpq_search_s=parts["search_s"])
+        row["ivfpq_r1_at_1"], row["ivfpq_r1_at_k"] = recall(ids_q, ids_f)
         ids_n, t = timed(lambda: numpy_topk(gallery, queries[:m], k), repeats)
         row["numpy_s"] = t * n / m
     ids_t, t = timed(lambda: torch_topk(gallery, queries[:m], k, device), repeats)
@@ -159,9 +180,10 @@ def main() -> None:
     else:
         print(
             "\n| N x N | d | top-k | FAISS flat s (build + search) | numpy s | torch s | "
-            "numpy / FAISS | torch / FAISS | ids equal top-1 / top-k (numpy, torch) |"
+            "numpy / FAISS | torch / FAISS | ids equal top-1 / top-k (numpy, torch) | "
+            "FAISS IVF-PQ s (build + search) | numpy / IVF-PQ | IVF-PQ R1@1 / R1@k |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             scaled = "" if r["brute_queries"] == r["n"] else f" (*{r['brute_queries']:,} q)"
             k = r["k"]
@@ -171,7 +193,9 @@ def main() -> None:
                   f"({r['faiss_build_s']:.2f} + {r['faiss_search_s']:.1f}) | "
                   f"{r['numpy_s']:.1f}{scaled} | {r['torch_s']:.1f}{scaled} | "
                   f"{r['numpy_s'] / r['faiss_s']:.2f}x | {r['torch_s'] / r['faiss_s']:.2f}x | "
-                  f"{eq} |")  # fmt: skip
+                  f"{eq} | {r['ivfpq_s']:.1f} ({r['ivfpq_build_s']:.1f} + "
+                  f"{r['ivfpq_search_s']:.1f}) | {r['numpy_s'] / r['ivfpq_s']:.1f}x | "
+                  f"{r['ivfpq_r1_at_1']:.1%} / {r['ivfpq_r1_at_k']:.1%} |")  # fmt: skip
         print(
             "\n(*m q): brute force timed on the first m queries against the whole gallery "
             "and scaled by N / m; ids are compared on those m queries."

@@ -7,7 +7,7 @@ A visible list of stages (STYLE.md habit 9, :mod:`data_shards.stages`), composed
                -> safe_decode -> apply_transforms -> batch_samples
 
 Splitting is by samples, not shards (webdataset's split_by_node gives ranks unequal counts and
-DDP hangs at the end of the epoch; RELIABILITY.md): the epoch's shard order, shuffled by (seed,
+DDP hangs at the end of the epoch): the epoch's shard order, shuffled by (seed,
 epoch), with the manifest's counts, is one sequence of N samples; rank r takes a contiguous
 range, worker w a batch-aligned sub-range of it, and reads only the shards overlapping it. With
 ``drop_last`` every rank gets the same number of full batches (like

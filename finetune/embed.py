@@ -3,16 +3,16 @@
 Every frame of every view of every sample of a split becomes one row (N = samples x V x T):
 an embedding (N, D) float32 from a frozen encoder (contextualised over its window), the
 frame's 3D pose root-relative in the coordinates of that view's camera (N, J, 3) mm (what one
-image determines; GUIDE.md section 6), and its labels (key, clip, action, view, camera, frame).
+image determines), and its labels (key, clip, action, view, camera, frame).
 
 Embedders are callables ``(frames (B, V, T, 3, H, W) uint8, masks (B, V, T, H, W) | None) ->
 (B, V, T, D)`` with a ``fingerprint`` naming them for the cache: :class:`EncoderEmbedder` (a
 PoseBERT, pretrained or random-init) and :class:`RawPixels` (the downsampled-pixels reference
-row that GUIDE.md section 6 asks for beside every learned encoder).
+row that belongs beside every learned encoder).
 
 Caching (:func:`embed_split_cached`): files are keyed by the embedder's fingerprint and the
 split manifest's sha256, written atomically with a sha256 file beside them, and verified
-before they are read (:func:`save_verified` / :func:`open_verified`; RELIABILITY.md, FAISS).
+before they are read (:func:`save_verified` / :func:`open_verified`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`posebert finetune pose`: a 3D pose regression head on a pretrained encoder.
 
 The head predicts the 17 joints of every frame, root-relative in the camera coordinates of the
-frame's view (what one image determines; GUIDE.md section 6). Two ways to train it, each beside
+frame's view (what one image determines). Two ways to train it, each beside
 the same head on a random-init encoder of the same architecture:
 
 - ``probe``: the encoder frozen; a linear head on its per-frame features (the L2-normalised
@@ -497,6 +497,9 @@ def plot(result: dict, curves: dict[str, list[float]], path: Path) -> None:
     if mean_row:
         ax.axhline(mean_row["all"]["mpjpe"], color="grey", lw=1, label="mean pose")
     ax.set_xscale("log")
+    ticks = sorted({r["labels"] * 100 for r in result["rows"] if r["mode"] in MODES})
+    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("train windows with labels (%)")
     ax.set_ylabel(f"MPJPE on {result['protocol']['eval']} (mm)")
     ax.set_title("3D pose regression head")

@@ -3,7 +3,7 @@
 For each validation frame (query) the nearest train frames (gallery) in embedding space are
 found with FAISS (on the GPU when FAISS sees one, else the CPU; exact flat by default, IVF-PQ
 for millions); the score is the error between the query's 3D pose and the retrieved frame's,
-root-relative in each frame's camera coordinates (GUIDE.md section 6 protocol):
+root-relative in each frame's camera coordinates:
 
 - top-1 MPJPE (protocol 1) and P-MPJPE (protocol 2, after Procrustes alignment with rotation,
   translation and scale, reflections excluded), mm; top-k: the minimum over the k retrieved;
@@ -17,7 +17,7 @@ closest proxy of MPJPE an index can rank by) and ``chance`` (random gallery fram
 A random-init encoder and raw pixels are just other embeddings (:mod:`finetune.embed`).
 
 Indexes are cached beside their embeddings with a sha256 that is checked before FAISS parses
-a byte (a corrupted index often loads and searches without error: RELIABILITY.md, FAISS).
+a byte (a corrupted index often loads and searches without error).
 """
 
 from __future__ import annotations

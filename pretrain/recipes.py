@@ -51,7 +51,8 @@ def debug_cpu() -> RunConfig:
 
 def demo_cpu() -> RunConfig:
     """Minutes on 2 CPU cores over the embedded shards: ResNet-18 at 64 px, 4 layers,
-    GT-pose negatives, all four views as positives, background mask."""
+    GT-pose negatives, all four views as positives, background mask. Sized for two processes
+    (``posebert demo``): 2 windows x 4 views x 8 frames per rank, 128 frames per step."""
     cfg = base()
     model = PoseBERTConfig(
         backbone=BackboneConfig(name="resnet18", channels_last=False, background_mask=True),
@@ -66,7 +67,7 @@ def demo_cpu() -> RunConfig:
         data=DataConfig(num_workers=1, frames=8, size=64),
         model=model,
         objective=ContrastiveConfig(negatives=NegativeConfig(kind="gt_pose", num=32)),
-        engine=EngineConfig(micro_batch_per_rank=4, optimizer=OptimizerConfig(lr=1e-3),
+        engine=EngineConfig(micro_batch_per_rank=2, optimizer=OptimizerConfig(lr=1e-3),
                             lr_schedule=LRSchedule(warmup_steps=20)),  # fmt: skip
         train=TrainConfig(max_steps=300, checkpoint_every=100),
     )

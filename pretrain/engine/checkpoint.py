@@ -1,4 +1,4 @@
-"""Checkpoints with our own commit protocol around DeepSpeed (RELIABILITY.md, DeepSpeed section).
+"""Checkpoints with our own commit protocol around DeepSpeed.
 
 DeepSpeed's ``save_checkpoint`` writes each rank's files in place and its ``latest`` file with
 no temp file, fsync or barrier, and ``load_checkpoint`` unpickles with ``weights_only=False``.

@@ -3,7 +3,7 @@
 Used by ``posebert pretrain --nproc-per-node N``. Each child gets RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT (read back by
 :class:`pretrain.engine.dist.DistEnv`). Unlike a ``torchrun`` agent, which dies on SIGUSR1
-without telling its workers (RELIABILITY.md), this launcher forwards SIGUSR1, SIGUSR2 and
+without telling its workers, this launcher forwards SIGUSR1, SIGUSR2 and
 SIGTERM to every rank (SIGINT as SIGTERM; a second SIGINT kills), so the ranks checkpoint and
 exit with the requeue code together.
 

@@ -1,6 +1,6 @@
 """Preemption: signal handlers that only set a flag; the loop acts on it at a step boundary.
 
-RELIABILITY.md (SLURM): saving inside a handler fails intermittently, and SLURM may deliver the
+Under SLURM, saving inside a handler fails intermittently, and SLURM may deliver the
 warning signal to one task before another. So a handler records the signal and returns; at the
 next step boundary all ranks agree (one all_reduce, :func:`pretrain.engine.dist.all_reduce_flag`)
 that one of them was signalled, write one checkpoint together and exit with

@@ -1,4 +1,4 @@
-"""Bad input (RELIABILITY.md test matrix): each fault is skipped with one warning naming shard
+"""Bad input: each fault is skipped with one warning naming shard
 and key, counted, and costs nothing else; past the error budget the reader raises."""
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ def test_main_job_quick(tmp_path):
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("done already") == 6
+    assert (tmp_path / "results.md").read_text() == table
     other = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "posebert"), "demo", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
