@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data_shards.cli import register as register_shards
     from finetune.cli import register as register_finetune
     from pretrain.cli import register as register_pretrain
+    from slurm.cli import register as register_slurm
 
     parser = OneLineParser(prog="posebert", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"posebert {__version__}")
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_shards(stages)
     register_pretrain(stages)
     register_finetune(stages)
+    register_slurm(stages)
     return parser
 
 

@@ -7,7 +7,7 @@ import os
 
 from data_shards.read import ShardReader
 from pretrain.config import RunConfig
-from pretrain.engine import dist
+from pretrain.engine import dist, preflight
 from pretrain.engine.loop import exit_code_for, train
 from pretrain.engine.runstate import seed_everything
 from pretrain.objectives import check_pose_labels
@@ -21,9 +21,9 @@ def run_pretrain(cfg: RunConfig, out_dir: str | os.PathLike) -> int:
     returns the process exit code (0 done, 75 requeue, 65 too many non-finite losses, ...)."""
     env = dist.DistEnv.from_environ()
     seed = cfg.train.seed
-    reader = ShardReader(
-        cfg.data.reader_config(cfg.engine.micro_batch_per_rank, seed), env.rank, env.world_size
-    )
+    reader_cfg = cfg.data.reader_config(cfg.engine.micro_batch_per_rank, seed)
+    preflight.check_start(env, reader_cfg)  # allocation and data, before anything starts
+    reader = ShardReader(reader_cfg, env.rank, env.world_size)
     # a gt_pose sampler on shards without 3D labels fails here, not mid-run
     check_pose_labels(cfg.objective.negatives, bool(reader.layout.has.get("pose3d")),
                       cfg.data.train)  # fmt: skip

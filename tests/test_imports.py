@@ -1,4 +1,5 @@
-"""Imports go one way: data_shards <- pretrain <- finetune (data_shards never sees a model)."""
+"""Imports go one way: data_shards <- pretrain <- finetune (data_shards never sees a model);
+slurm renders and submits job scripts and imports none of the training code."""
 
 import ast
 from pathlib import Path
@@ -7,9 +8,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "data_shards": {"pretrain", "finetune", "posebert", "torch.distributed", "deepspeed"},
-    "pretrain": {"finetune", "posebert"},
-    "finetune": {"posebert"},
+    "data_shards": {"pretrain", "finetune", "posebert", "slurm", "torch.distributed", "deepspeed"},
+    "pretrain": {"finetune", "posebert", "slurm"},
+    "finetune": {"posebert", "slurm"},
+    "slurm": {"pretrain", "finetune", "posebert", "torch", "deepspeed"},  # job scripts only
 }
 
 

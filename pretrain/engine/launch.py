@@ -31,7 +31,8 @@ from pretrain.engine.dist import free_port
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
-def _rank_env(base: Mapping[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
+def rank_env(base: Mapping[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
+    """``base`` plus the torchrun-style variables of local rank ``rank`` of ``nproc``."""
     env = dict(base)
     env.update(
         RANK=str(rank),
@@ -156,7 +157,7 @@ def launch_local(
             piped = rank > 0
             p = subprocess.Popen(
                 list(argv),
-                env=_rank_env(base, rank, nproc, port),
+                env=rank_env(base, rank, nproc, port),
                 stdout=subprocess.PIPE if piped else None,
                 stderr=subprocess.STDOUT if piped else None,
                 start_new_session=True,  # one process group per rank, killed as a whole

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.engine import dist
+from pretrain.engine import dist, preflight
 from pretrain.engine.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -226,7 +226,8 @@ def train(
     owns_group = not dist.is_initialized()  # then this call also tears it down
     try:
         result = _train(task, reader, train_cfg, engine_cfg, Path(out_dir), config_json)
-    except BaseException:
+    except BaseException as e:
+        preflight.report_failure(e, train_cfg.dist_timeout_s)  # names a rank that hung
         if owns_group:
             with contextlib.suppress(Exception):
                 dist.shutdown(barrier_first=False)
@@ -336,6 +337,7 @@ class _Loop:
             )
 
         while self.state.step < self.cfg.max_steps:
+            preflight.beat(self.state.step)  # read by preflight.report_failure on a hang
             if dist.all_reduce_flag(self.flag.set, self.engine.device):
                 if last_saved != self.state.step:
                     last_ckpt = self._save()

@@ -1,0 +1,117 @@
+# PoseBERT on SLURM: every site setting in one place, and the shell functions the job scripts
+# share. Sourced by every rendered job script (slurm/*.sbatch) when the job starts, and by
+# `posebert slurm submit`, which takes the #SBATCH defaults below (partition, account, GPUs,
+# CPUs, time limits, the preemption warning). Edit the defaults here for a site, or override
+# any knob from the environment at submit time (sbatch exports the submit environment, so the
+# job sees the same values):
+#
+#     POSEBERT_PARTITION=gpu POSEBERT_ACCOUNT=proj42 posebert slurm submit pretrain ...
+#
+# Only plain assignments at the top level: sourcing this file must have no side effects.
+
+# --- scheduling: the #SBATCH defaults -------------------------------------------------------
+: "${POSEBERT_PARTITION:=}"        # empty: the cluster's default partition
+: "${POSEBERT_ACCOUNT:=}"          # empty: the user's default account
+: "${POSEBERT_QOS:=}"              # empty: the default QOS
+: "${POSEBERT_GPUS_PER_NODE:=8}"   # one rank (srun task) per GPU; 0 on CPU-only clusters
+: "${POSEBERT_CPUS_PER_TASK:=8}"   # per rank: the main process + data.num_workers loader workers
+: "${POSEBERT_TIME:=24:00:00}"     # pretraining time limit (it requeues itself, see below)
+: "${POSEBERT_EVAL_TIME:=04:00:00}"   # retrieval evaluation and fine-tuning
+: "${POSEBERT_SHARDS_TIME:=04:00:00}" # one shard-building array task
+: "${POSEBERT_SIGNAL_S:=300}"      # SIGUSR1 to the ranks this long before the limit: time for
+                                   # one checkpoint (Slurm may deliver it up to 60 s early)
+: "${POSEBERT_MAX_RESTARTS:=20}"   # requeues per job (SLURM_RESTART_COUNT) before giving up
+: "${POSEBERT_ARRAY_PARALLEL:=0}"  # shard-building tasks running at once (0: no limit)
+: "${POSEBERT_SBATCH_EXTRA:=}"     # more #SBATCH options, space-separated, e.g.
+                                   # "--constraint=h100 --exclusive --mem=0"
+
+# --- runtime environment: applied by posebert_env when the job starts -----------------------
+: "${POSEBERT_MODULES:=}"          # `module load` these first (space-separated)
+: "${POSEBERT_TMPDIR:=${SLURM_TMPDIR:-/tmp}}"  # node-local scratch (TMPDIR)
+: "${POSEBERT_NCCL_SOCKET_IFNAME:=}"  # NCCL_SOCKET_IFNAME (e.g. ib0); empty: NCCL's choice
+: "${POSEBERT_NCCL_IB_HCA:=}"      # NCCL_IB_HCA (e.g. mlx5); empty: NCCL's choice
+: "${POSEBERT_NCCL_DEBUG:=WARN}"   # NCCL_DEBUG (INFO when debugging a hang)
+
+POSEBERT_STOPPING=0  # set by the TERM trap: the job is being cancelled, do not requeue
+
+posebert_log() {
+    echo "[posebert $(date -u +%Y-%m-%dT%H:%M:%SZ) job ${SLURM_JOB_ID:-none}] $*" >&2
+}
+
+posebert_env() {
+    # The ranks' environment: modules, NCCL, threads, scratch; no stale rank variables (each
+    # srun task is one rank, from SLURM_PROCID: a RANK/WORLD_SIZE exported by the submitting
+    # shell would make every task the same rank).
+    local m
+    for m in $POSEBERT_MODULES; do
+        module load "$m" || { posebert_log "module load $m failed"; exit 2; }
+    done
+    unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
+    export NCCL_DEBUG="$POSEBERT_NCCL_DEBUG"
+    [[ -n "$POSEBERT_NCCL_SOCKET_IFNAME" ]] && export NCCL_SOCKET_IFNAME="$POSEBERT_NCCL_SOCKET_IFNAME"
+    [[ -n "$POSEBERT_NCCL_IB_HCA" ]] && export NCCL_IB_HCA="$POSEBERT_NCCL_IB_HCA"
+    export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+    # Slurm >= 22.05: srun no longer inherits sbatch's --cpus-per-task; without this a rank
+    # and its loader workers would share one core
+    [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
+    export PYTHONUNBUFFERED=1
+    export TMPDIR="$POSEBERT_TMPDIR"
+    trap 'POSEBERT_STOPPING=1; posebert_log "batch shell got SIGTERM (scancel or time limit): waiting for the ranks; no requeue"' TERM
+}
+
+posebert_train_splits() {
+    # ROOT (a split, ROOT/train, or the ROOT/part-*/train of a shard-building array) ->
+    # the comma-separated data.train value
+    local root=$1 d
+    local splits=()
+    if [[ -f "$root/manifest.json" ]]; then echo "$root"; return 0; fi
+    if [[ -f "$root/train/manifest.json" ]]; then echo "$root/train"; return 0; fi
+    for d in "$root"/part-*/train; do
+        [[ -f "$d/manifest.json" ]] && splits+=("$d")
+    done
+    if (( ${#splits[@]} == 0 )); then
+        posebert_log "no training split under $root (ROOT/manifest.json, ROOT/train or ROOT/part-*/train)"
+        return 1
+    fi
+    (IFS=,; echo "${splits[*]}")
+}
+
+posebert_wait() {
+    # Wait for background PID; a trapped signal interrupts `wait`, so wait again while it runs.
+    # Returns its exit status (bash remembers it even after an interrupted wait).
+    local pid=$1 code
+    while :; do
+        wait "$pid"
+        code=$?
+        if ! kill -0 "$pid" 2>/dev/null; then
+            if (( code > 128 )); then wait "$pid"; code=$?; fi
+            return "$code"
+        fi
+    done
+}
+
+posebert_finish() {
+    # Exit with the ranks' code; 75 (EXIT_REQUEUE: preempted, checkpoint written) requeues the
+    # job (array task: JOBID_TASKID) and exits 0 so the job is not marked failed; capped by
+    # POSEBERT_MAX_RESTARTS against SLURM_RESTART_COUNT.
+    local code=$1 restarts=${SLURM_RESTART_COUNT:-0} id=${SLURM_JOB_ID:-}
+    if (( code != 75 )); then
+        posebert_log "ranks exited with code $code"
+        exit "$code"
+    fi
+    if (( POSEBERT_STOPPING )); then
+        posebert_log "checkpoint written; the job is being stopped: not requeued"
+        exit 75
+    fi
+    if (( restarts >= POSEBERT_MAX_RESTARTS )); then
+        posebert_log "checkpoint written; $restarts restarts reached POSEBERT_MAX_RESTARTS: not requeued (submit again to resume)"
+        exit 75
+    fi
+    [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]] && id="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    posebert_log "checkpoint written; requeueing $id (restart $((restarts + 1)) of at most $POSEBERT_MAX_RESTARTS)"
+    if ! scontrol requeue "$id"; then
+        posebert_log "scontrol requeue $id failed: submit again to resume"
+        exit 75
+    fi
+    exit 0
+}
