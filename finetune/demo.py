@@ -121,7 +121,8 @@ def summarize(out: Path, record: dict) -> dict:
         "stages": record["stages"],
         "retrieval": {
             name: {"mpjpe_top1": r["mpjpe"]["top1"], "p_mpjpe_top1": r["p_mpjpe"]["top1"],
-                   "gap_closed": gap_closed(r["mpjpe"]["top1"], chance, oracle)}
+                   "gap_closed": gap_closed(r["mpjpe"]["top1"], chance, oracle),
+                   "probe_mpjpe": r.get("probe", {}).get("mpjpe")}
             for name, r in rows.items()
         },
         "pose": [{k: r[k] for k in ("encoder", "mode", "labels", "labelled_windows")}
@@ -137,9 +138,10 @@ def results_markdown(results: dict) -> str:
     """One table: retrieval rows, pose-head rows, forecast rows; then the stage times."""
     lines = ["| task | method | MPJPE (mm) | P-MPJPE (mm) | note |", "|---|---|---|---|---|"]
     for name, r in results["retrieval"].items():
+        probe = "" if r["probe_mpjpe"] is None else f"; linear probe {r['probe_mpjpe']:.1f} mm"
         lines.append(f"| retrieval top-1 | {name} | {r['mpjpe_top1']:.1f} | "
                      f"{r['p_mpjpe_top1']:.1f} | {r['gap_closed']:.0%} of the chance -> "
-                     "oracle gap |")  # fmt: skip
+                     f"oracle gap{probe} |")  # fmt: skip
     for r in results["pose"]:
         task = "pose head"
         if r["mode"] != "-":

@@ -19,9 +19,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_shards.manifest import Manifest, atomic_write_text, find_splits
+from finetune import metrics
 from finetune.embed import (
     Embeddings,
     EncoderEmbedder,
@@ -30,6 +32,7 @@ from finetune.embed import (
     default_device,
 )
 from finetune.gallery import gallery_png
+from finetune.probe import ridge_probe
 from finetune.report import gap_closed, md_table
 from finetune.retrieval import RetrievalConfig, cached_index, reference_rows, retrieve
 
@@ -88,10 +91,13 @@ def _run(encoder_dir: Path, splits: dict, out: Path, config: RetrievalConfig, qu
         index = cached_index(gallery, files[name, "train"].parent, config)
         scores = retrieve(query, gallery, config, index)
         rows[name] = scores.summary(config.ks, config.thresholds_mm)
+        rows[name]["probe"] = ridge_probe(gallery, query)  # is pose there at all?
         if name == "model":  # the gallery picture shows the model's retrievals
             shown = (query, gallery, scores)
     for name, scores in reference_rows(query, gallery, config).items():
         rows[name] = scores.summary(config.ks, config.thresholds_mm)
+    mean_pose = gallery.pose3d.astype(np.float64).mean(0)
+    floor = float(metrics.mpjpe(np.broadcast_to(mean_pose, query.pose3d.shape), query.pose3d))
     manifest = Manifest.load(splits[query_split])
     result = {
         "protocol": {
@@ -101,6 +107,9 @@ def _run(encoder_dir: Path, splits: dict, out: Path, config: RetrievalConfig, qu
             "gallery": "train", "queries": query_split, "views": manifest.views,
             "frames_per_window": manifest.frames, "exclude_same_clip": config.exclude_same_clip,
             "cross_view": config.cross_view, "k": config.k, "index": config.kind,
+            "probe": "ridge from frozen features to the same poses, fit on train frames, "
+                     "lambda by clip-wise cross-validation on train",
+            "probe_mean_pose_mpjpe": floor,
         },
         "rows": rows,
     }  # fmt: skip
@@ -136,15 +145,18 @@ def markdown_table(result: dict) -> str:
     tops = list(first["mpjpe"])
     hits = list(first["hit"])
     head = (["method"] + [f"MPJPE {t}" for t in tops] + [f"P-MPJPE {t}" for t in tops]
-            + [f"Hit {h}" for h in hits] + ["gap closed"])  # fmt: skip
+            + [f"Hit {h}" for h in hits] + ["gap closed", "probe MPJPE"])  # fmt: skip
     lines = md_table(head, [
         [name] + [f"{r['mpjpe'][t]:.1f}" for t in tops] + [f"{r['p_mpjpe'][t]:.1f}" for t in tops]
         + [f"{r['hit'][h]:.3f}" for h in hits]
         + [f"{gap_closed(r['mpjpe']['top1'], chance, oracle):.0%}"]
+        + [f"{r['probe']['mpjpe']:.1f}" if "probe" in r else "-"]
         for name, r in rows.items()
     ])  # fmt: skip
     p = result["protocol"]
     lines.append(f"\n{p['queries']} queries vs {p['gallery']} gallery; {p['pose']}, "
                  f"{p['units']}; exclude same clip: {p['exclude_same_clip']}; "
-                 f"cross-view: {p['cross_view']}.")  # fmt: skip
+                 f"cross-view: {p['cross_view']}. Probe MPJPE: a ridge readout of the pose "
+                 f"from the frozen features (fit on train clips); predicting the mean train "
+                 f"pose scores {p['probe_mean_pose_mpjpe']:.1f}.")  # fmt: skip
     return "\n".join(lines) + "\n"

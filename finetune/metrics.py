@@ -230,14 +230,17 @@ def _prepare(pred, target, reduce: str):
         raise ValueError(
             f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}"
         )
-    if isinstance(pred, np.ndarray):
-        p = torch.from_numpy(np.asarray(pred, dtype=np.float64))
-        t = torch.from_numpy(np.asarray(target, dtype=np.float64))
+    if isinstance(pred, np.ndarray):  # read-only inputs (np.broadcast_to, mmap) are copied
+        p, t = (torch.from_numpy(_writable(np.asarray(x, np.float64))) for x in (pred, target))
         return p, t, _to_numpy
     dtype = torch.promote_types(pred.dtype, target.dtype)
     if not dtype.is_floating_point:
         dtype = torch.get_default_dtype()
     return pred.to(dtype), target.to(dtype=dtype, device=pred.device), _identity
+
+
+def _writable(x: np.ndarray) -> np.ndarray:
+    return x if x.flags.writeable else x.copy()
 
 
 def _to_numpy(x: torch.Tensor) -> np.ndarray:

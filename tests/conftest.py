@@ -1,7 +1,9 @@
-"""Shared fixtures: small synthetic samples that follow the schema (no renderer needed)."""
+"""Shared fixtures: small synthetic samples that follow the schema (no renderer needed), and
+the session's real Slurm cluster for the ``slurm`` tests."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +70,32 @@ def read_split(split_dir: Path) -> list[Sample]:
     ]
     assert len(samples) == manifest.samples
     return samples
+
+
+# ------------------------------------------------------- a real Slurm cluster (marker "slurm")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real two-node Slurm cluster on loopback, one per session: started on first use
+    (installing Debian's Slurm with apt when missing and allowed) and always stopped by its pid
+    files at the end, whatever the tests did; a watchdog stops it too if the session dies first.
+    Where it cannot run (not root, apt failed) the tests skip with the reason; under ``CI=true``
+    that is a failure instead: CI must run them."""
+    from slurm.localcluster import ClusterUnavailable, LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("slurm"))
+    unavailable = None
+    try:
+        cluster.start(owner_pid=os.getpid())
+    except ClusterUnavailable as e:
+        cluster.stop()
+        unavailable = str(e)
+    if unavailable is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and no local Slurm cluster: {unavailable}", pytrace=False)
+        pytest.skip(f"no local Slurm cluster: {unavailable}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -5,6 +5,7 @@ masked) -> ``encode_sequence`` (relative-position transformer) -> ``project`` (c
 target vectors, optionally through a Gumbel product quantizer).
 """
 
+from pretrain.model.augment import ColorAugmentConfig, color_augment
 from pretrain.model.backbone import BackboneConfig, FrameEncoder, load_weights, read_state_dict
 from pretrain.model.encoder import Encoder, EncoderConfig
 from pretrain.model.masking import MaskConfig, span_mask
@@ -18,6 +19,7 @@ from pretrain.model.quantizer import (
 
 __all__ = [
     "BackboneConfig",
+    "ColorAugmentConfig",
     "Encoder",
     "EncoderConfig",
     "FrameEncoder",
@@ -26,6 +28,7 @@ __all__ = [
     "PoseBERT",
     "PoseBERTConfig",
     "PoseBERTOutput",
+    "color_augment",
     "QuantizerConfig",
     "QuantizerOutput",
     "gumbel_temperature",

@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from pretrain.model.augment import ColorAugmentConfig, color_augment
 from pretrain.model.backbone import BackboneConfig, FrameEncoder
 from pretrain.model.encoder import Encoder, EncoderConfig
 from pretrain.model.masking import MaskConfig, span_mask
@@ -36,6 +37,8 @@ class PoseBERTConfig:
     """P: width of the context and target vectors the contrastive loss compares."""
     feature_dropout: float = 0.1
     """Dropout on the latents fed to the sequence encoder (not on the targets; wav2vec2)."""
+    augment: ColorAugmentConfig = dataclasses.field(default_factory=ColorAugmentConfig)
+    """Colour jitter drawn per view and per window in training (off by default)."""
 
     def __post_init__(self) -> None:
         kinds = {
@@ -43,6 +46,7 @@ class PoseBERTConfig:
             "encoder": EncoderConfig,
             "mask": MaskConfig,
             "quantizer": QuantizerConfig,
+            "augment": ColorAugmentConfig,
         }
         for name, kind in kinds.items():
             if not isinstance(getattr(self, name), kind):
@@ -146,10 +150,14 @@ class PoseBERT(nn.Module):
         self, batch: dict, generator: torch.Generator | int, step: int = 0
     ) -> PoseBERTOutput:
         """A reader batch (``frames`` (B, V, T, 3, H, W) uint8, optional ``masks``
-        (B, V, T, H, W) bool) -> :class:`PoseBERTOutput`. ``generator`` draws the mask and the
-        Gumbel noise; ``step`` sets the Gumbel temperature."""
+        (B, V, T, H, W) bool) -> :class:`PoseBERTOutput`. ``generator`` draws the colour
+        augmentation (training, when configured), the mask and the Gumbel noise; ``step`` sets
+        the Gumbel temperature."""
         generator = as_generator(generator)  # an int seed: one generator for every draw
-        latents = self.encode_frames(batch["frames"], batch.get("masks"))  # (B, V, T, D)
+        frames = batch["frames"]
+        if self.training and self.cfg.augment.enabled:  # no draw at all when it is off
+            frames = color_augment(frames, self.cfg.augment, generator)
+        latents = self.encode_frames(frames, batch.get("masks"))  # (B, V, T, D)
         mask = self.mask(latents, generator)  # (B, V, T)
         hidden = self.encode_sequence(latents, mask)  # (B, V, T, D)
         context, targets, stats, diversity = self.project(hidden, latents, generator, step)
