@@ -72,6 +72,9 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--clips", type=_names, default=None, help="comma-separated (all 15)")
     p.add_argument("--views", type=_positive_int, default=4, help="cameras around the subject")
     p.add_argument("--appearances", type=_positive_int, default=1, help="renders per window")
+    p.add_argument("--appearances-per-sample", type=_positive_int, default=1,
+                   help="appearances of the same instants inside a sample, as extra views "
+                   "(positives across appearance)")  # fmt: skip
     p.add_argument("--val-clips", type=_names, default=None, help="held-out validation clips")
     p.add_argument("--test-clips", type=_names, default=None, help="held-out test clips")
     p.add_argument("--seed", type=int, default=0)
@@ -132,6 +135,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         fps=args.fps,
         seed=args.seed,
         appearances_per_window=args.appearances,
+        appearances_per_sample=args.appearances_per_sample,
         jpeg_quality=args.jpeg_quality,
     )
     manifests = synth.build_splits(

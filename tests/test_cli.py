@@ -113,3 +113,18 @@ def test_h36m_command_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "train: 5 windows" in r.stdout and "val: 5 windows" in r.stdout
     assert posebert("shards", "verify", str(out)).returncode == 0
+
+
+def test_synth_appearances_per_sample_become_extra_views(tmp_path):
+    r = posebert("shards", "synth", "--out", str(tmp_path), "--clips", "walk,run", "--views", "2",
+                 "--frames", "4", "--size", "32", "--appearances-per-sample", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    from data_shards.manifest import Manifest
+    from data_shards.read import ReaderConfig, ShardReader
+
+    assert Manifest.load(tmp_path / "train").views == 4
+    config = ReaderConfig(str(tmp_path / "train"), batch_size=1, shuffle=False, frames="off")
+    meta = next(iter(ShardReader(config, 0, 1)))["meta"][0]
+    cams = [v.camera for v in meta.views]
+    looks = [v.appearance for v in meta.views]
+    assert cams[:2] == cams[2:] and looks[0] != looks[2]  # each camera twice, in two appearances
