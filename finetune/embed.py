@@ -180,6 +180,12 @@ class EncoderEmbedder:
         return self.model.embed(frames.to(self.device), masks).float().cpu()  # (B, V, T, D)
 
 
+def random_init_like(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The same architecture at a seeded random initialisation (the random-init reference)."""
+    torch.manual_seed(seed)
+    return type(model)(model.cfg).eval()
+
+
 @dataclasses.dataclass
 class RawPixels:
     """Reference row: frames area-downsampled to ``size`` x ``size``, flattened, centred."""

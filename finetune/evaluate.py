@@ -30,6 +30,7 @@ from finetune.embed import (
     RawPixels,
     cache_embeddings,
     default_device,
+    random_init_like,
 )
 from finetune.gallery import gallery_png
 from finetune.probe import ridge_probe
@@ -39,8 +40,7 @@ from finetune.retrieval import RetrievalConfig, cached_index, reference_rows, re
 
 def _embedders(encoder_dir: Path, seed: int, device: torch.device) -> dict:
     model = EncoderEmbedder.from_dir(encoder_dir, device)
-    torch.manual_seed(seed)
-    random_init = EncoderEmbedder(type(model.model)(model.model.cfg), device=device,
+    random_init = EncoderEmbedder(random_init_like(model.model, seed), device=device,
                                   transforms=model.transforms)  # fmt: skip
     return {"model": model, "random-init": random_init, "raw pixels 16x16": RawPixels(16)}
 

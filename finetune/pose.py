@@ -23,6 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +36,13 @@ from data_shards.read import ReaderConfig, ShardReader
 from data_shards.skeleton import NUM_JOINTS
 from data_shards.transforms import Resize
 from finetune import metrics
-from finetune.embed import Embeddings, EncoderEmbedder, embed_split, embed_split_cached
+from finetune.embed import (
+    Embeddings,
+    EncoderEmbedder,
+    embed_split,
+    embed_split_cached,
+    random_init_like,
+)
 from finetune.report import md_table, pyplot, save_figure
 from pretrain.engine.schedules import LRSchedule
 
@@ -111,14 +118,27 @@ def labelled_keys(keys: list[str], fraction: float, seed: int) -> set[str]:
     return {order[i] for i in perm[:count]}
 
 
-def split_keys(split_dir: str | os.PathLike) -> list[str]:
-    """Every sample key of a split, in reading order (no frames decoded)."""
+class SplitLabels(NamedTuple):
+    keys: list[str]
+    """Every sample key, in reading order."""
+    mean_pose: np.ndarray | None
+    """(J, 3) mean root-relative camera-frame pose of every frame and view, mm (None if empty)."""
+
+
+def scan_split(split_dir: str | os.PathLike) -> SplitLabels:
+    """One pass over a split's labels (no frames decoded): its keys and its mean pose."""
     config = ReaderConfig(str(split_dir), batch_size=64, shuffle=False, drop_last=False,
                           frames="off", masks=False)  # fmt: skip
-    keys: list[str] = []
+    keys: dict[str, None] = {}  # ordered set: padded repeats at the end are dropped
+    total, count = np.zeros((NUM_JOINTS, 3)), 0
     for batch in ShardReader(config, rank=0, world_size=1):
-        keys.extend(k for k in batch["keys"] if k not in keys[-64:])
-    return list(dict.fromkeys(keys))
+        keep = [b for b, k in enumerate(batch["keys"]) if k not in keys]
+        keys.update((batch["keys"][b], None) for b in keep)
+        if keep:
+            cam = camera_root_relative(batch["pose3d"][keep].numpy(), batch["Rt"][keep].numpy())
+            total += cam.reshape(-1, NUM_JOINTS, 3).sum(0)
+            count += cam.reshape(-1, NUM_JOINTS, 3).shape[0]
+    return SplitLabels(list(keys), total / count if count else None)
 
 
 # ------------------------------------------------------------------------------------- model
@@ -348,12 +368,6 @@ def fit_full(encoder: nn.Module, windows: Windows, config: PoseConfig,
 # --------------------------------------------------------------------------------------- run
 
 
-def random_init_like(model: nn.Module, seed: int) -> nn.Module:
-    """The same architecture at a seeded random initialisation."""
-    torch.manual_seed(seed)
-    return type(model)(model.cfg).eval()
-
-
 def run_pose(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
              out_dir: str | os.PathLike, config: PoseConfig, progress: bool = True,
              cache_dir: str | os.PathLike | None = None) -> dict:  # fmt: skip
@@ -369,7 +383,8 @@ def run_pose(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
     encoders = {"pretrained": pretrained.model,
                 "random-init": random_init_like(pretrained.model, config.seed)}  # fmt: skip
     size = next((t.size for t in pretrained.transforms if isinstance(t, Resize)), None)
-    train_keys = split_keys(splits["train"])
+    train_labels = scan_split(splits["train"])
+    train_keys = train_labels.keys
     if not train_keys:
         raise ValueError(f"{splits['train']}: the split is empty")
     eval_manifest = Manifest.load(splits[config.eval_split])
@@ -417,7 +432,8 @@ def run_pose(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
                 rows.append(_row(name, "full", fraction, len(keys), config.full_steps,
                                  score(pred, pred_emb, T), time.perf_counter() - t0))  # fmt: skip
                 curves[_label(rows[-1])] = losses
-    rows.append(_mean_pose_row(splits["train"], eval_emb, T, config))
+    pred = np.broadcast_to(train_labels.mean_pose, eval_emb.pose3d.shape)
+    rows.append(_row("mean pose", "-", 1.0, len(train_keys), 0, score(pred, eval_emb, T), 0.0))
     result = {
         "protocol": {
             "joints": NUM_JOINTS, "units": "mm", "mpjve_units": "mm per frame step",
@@ -443,21 +459,6 @@ def _row(encoder: str, mode: str, fraction: float, windows: int, steps: int, sco
 
 def _label(row: dict) -> str:
     return f"{row['encoder']} {row['mode']} {row['labels']:.0%}"
-
-
-def _mean_pose_row(train_dir: Path, held: Embeddings, T: int, config: PoseConfig) -> dict:
-    """Predict the mean root-relative camera-frame pose of all labelled train frames."""
-    config_r = ReaderConfig(str(train_dir), batch_size=32, shuffle=False, drop_last=False,
-                            frames="off", masks=False)  # fmt: skip
-    total, count, seen = np.zeros((NUM_JOINTS, 3)), 0, set()
-    for batch in ShardReader(config_r, rank=0, world_size=1):
-        keep = [b for b, k in enumerate(batch["keys"]) if k not in seen]
-        seen.update(batch["keys"])
-        cam = camera_root_relative(batch["pose3d"][keep].numpy(), batch["Rt"][keep].numpy())
-        total += cam.reshape(-1, NUM_JOINTS, 3).sum(0)
-        count += cam.reshape(-1, NUM_JOINTS, 3).shape[0]
-    pred = np.broadcast_to(total / count, held.pose3d.shape)
-    return _row("mean pose", "-", 1.0, len(seen), 0, score(pred, held, T), 0.0)
 
 
 def markdown_table(result: dict) -> str:

@@ -20,8 +20,8 @@ from finetune.pose import (
     fit_probe,
     labelled_keys,
     run_pose,
+    scan_split,
     score,
-    split_keys,
 )
 
 V, T = 2, 4
@@ -152,7 +152,7 @@ def test_run_pose_end_to_end(encoder_and_shards, tmp_path):
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert "| pretrained | probe | 25% | 2 |" in (tmp_path / "out" / "pose.md").read_text()
     assert (tmp_path / "out" / "pose.png").stat().st_size > 10_000
-    assert split_keys(shards / "train") == [f"train{i}" for i in range(8)]
+    assert scan_split(shards / "train").keys == [f"train{i}" for i in range(8)]
 
 
 def test_bad_input_is_one_clear_error(encoder_and_shards, tmp_path):
