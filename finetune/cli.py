@@ -15,7 +15,12 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", required=True, help="exported encoder (posebert export)")
     p.add_argument("--shards", required=True, help="shard root with train and val splits")
     p.add_argument("--out", required=True, help="output directory (retrieval.json, .md, cache)")
-    p.add_argument("--queries", default="val", help="split whose frames are the queries")
+    p.add_argument("--queries", default="val",
+                   help="split whose frames are the queries: its clips are the held-out motions "
+                   "(choose them with shards synth --val-clips/--test-clips)")  # fmt: skip
+    p.add_argument("--cache", default=None,
+                   help="embedding cache folder (default OUT/cache); runs with other --queries "
+                   "can share it")  # fmt: skip
     p.add_argument("--k", type=int, default=5, help="neighbours retrieved per query")
     p.add_argument("--index", choices=("flat", "ivfpq"), default="flat", help="FAISS index")
     p.add_argument("--exclude-same-clip", action="store_true", help="never match the same clip")
@@ -46,11 +51,34 @@ def register(stages: argparse._SubParsersAction) -> None:
     _add_set(p, "future")
     p.set_defaults(handler=cmd_future)
 
+    p = cmds.add_parser("lift", help="2D -> 3D lifting methods: VideoPose3D TCN, VAE-GAN, "
+                        "cyclic, self-correcting, HRNet image head")  # fmt: skip
+    p.add_argument("--method", required=True,
+                   choices=("tcn", "vaegan", "cyclic", "selfcorrect", "hrnet"))  # fmt: skip
+    p.add_argument("--shards", required=True, help="shard root with train and held-out splits")
+    p.add_argument("--out", required=True, help="output directory (lift.json, .md, .png)")
+    p.add_argument("--rows", default=None, metavar="R,R,...",
+                   help="rows of the method's ablation to run (default all; --rows help lists)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the method's config, e.g. steps=500 "
+                   "(--set help lists them)")  # fmt: skip
+    p.set_defaults(handler=cmd_lift)
+
     p = stages.add_parser("demo", help="the whole pipeline on the embedded data, one table")
     p.add_argument("--out", required=True, help="output directory (re-running it continues)")
     p.add_argument("--quick", action="store_true", help="a sliver of the data, a few minutes")
     p.add_argument("--nproc-per-node", type=int, default=2, help="pretraining processes")
     p.set_defaults(handler=cmd_demo)
+
+    p = stages.add_parser("ablation", help="which pretraining levers make features carry pose: "
+                          "retrieval on two held-out clip sets")  # fmt: skip
+    p.add_argument("--out", required=True, help="output directory (re-running it continues)")
+    p.add_argument("--variants", default=None, metavar="V,V,...",
+                   help="baseline, +background-mask, +augment, +appearance-swap, +span-mask, "
+                   "all (default: every one)")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a sliver of the data, a few minutes")
+    p.add_argument("--nproc-per-node", type=int, default=2, help="pretraining processes")
+    p.set_defaults(handler=cmd_ablation)
 
 
 def _add_set(p: argparse.ArgumentParser, head: str) -> None:
@@ -72,11 +100,13 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
         argv = ["--encoder", args.encoder, "--shards", args.shards, "--out", args.out,
                 "--queries", args.queries, "--k", str(args.k), "--index", args.index,
                 "--batch-size", str(args.batch_size)]  # fmt: skip
+        argv += ["--cache", args.cache] if args.cache else []
         argv += ["--exclude-same-clip"] * args.exclude_same_clip
         argv += ["--cross-view"] * args.cross_view
         return launch_retrieval(argv, args.nproc_per_node)
     result = run_retrieval(args.encoder, args.shards, args.out, config, args.queries,
-                           args.batch_size, progress=sys.stderr.isatty())  # fmt: skip
+                           args.batch_size, progress=sys.stderr.isatty(),
+                           cache_dir=args.cache)  # fmt: skip
     if result is not None:  # ranks other than 0 embed their share and return None
         print((Path(args.out) / "retrieval.md").read_text())
     return 0
@@ -125,7 +155,28 @@ def cmd_future(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lift(args: argparse.Namespace) -> int:
+    from finetune.lift.base import get_method
+    from finetune.lift.run import run_lift
+
+    method = get_method(args.method)
+    if args.rows == "help" or "help" in args.overrides:
+        for row, changes in method.rows.items():
+            print(f"row {row!r}: {changes or 'the recipe'}")
+        _config(method.config, ["help"])
+    run_lift(args.method, args.shards, args.out, args.rows, args.overrides,
+             progress=sys.stderr.isatty())  # fmt: skip
+    print((Path(args.out) / "lift.md").read_text())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from finetune.demo import run_demo
 
     return run_demo(args.out, quick=args.quick, nproc=args.nproc_per_node)
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from finetune.ablation import run_ablation
+
+    return run_ablation(args.out, args.variants, quick=args.quick, nproc=args.nproc_per_node)

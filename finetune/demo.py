@@ -85,27 +85,37 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, nproc: int = 2) ->
                          "choose another --out or delete it")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     record = {"settings": settings, "stages": record.get("stages", {})}
-    stages = plan(out, quick, nproc)
-    for i, stage in enumerate(stages, 1):
-        command = "posebert " + " ".join(stage.args)
-        if stage.done.exists():
-            print(f"[demo {i}/{len(stages)}] {stage.name}: done already ({stage.done})", flush=True)
-            continue
-        print(f"[demo {i}/{len(stages)}] {stage.name}: $ {command}", flush=True)
-        t0 = time.perf_counter()
-        code = subprocess.call([sys.executable, "-m", "posebert", *stage.args])
-        seconds = time.perf_counter() - t0
-        if code != 0 or not stage.done.exists():
-            print(f"demo: stage {stage.name} failed (exit {code}); fix the cause above and run "
-                  "the same demo command again to continue", file=sys.stderr)  # fmt: skip
-            return code or 1
-        record["stages"][stage.name] = {"command": command, "seconds": round(seconds, 1)}
-        atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
+    code = run_stages(plan(out, quick, nproc), "demo", record, record_path)
+    if code:
+        return code
     results = summarize(out, record)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     text = results_markdown(results)
     atomic_write_text(out / "results.md", text)
     print(text)
+    return 0
+
+
+def run_stages(stages: list[Stage], tag: str, record: dict, record_path: Path) -> int:
+    """Run each stage whose output is missing as ``python -m posebert ARGS``, printing the
+    command first; record its command and time in ``record["stages"]`` (saved to
+    ``record_path`` after each). Returns 0, or the failed stage's exit code (at least 1)."""
+    for i, stage in enumerate(stages, 1):
+        command = "posebert " + " ".join(stage.args)
+        if stage.done.exists():
+            print(f"[{tag} {i}/{len(stages)}] {stage.name}: done already ({stage.done})",
+                  flush=True)  # fmt: skip
+            continue
+        print(f"[{tag} {i}/{len(stages)}] {stage.name}: $ {command}", flush=True)
+        t0 = time.perf_counter()
+        code = subprocess.call([sys.executable, "-m", "posebert", *stage.args])
+        seconds = time.perf_counter() - t0
+        if code != 0 or not stage.done.exists():
+            print(f"{tag}: stage {stage.name} failed (exit {code}); fix the cause above and run "
+                  f"the same {tag} command again to continue", file=sys.stderr)  # fmt: skip
+            return code or 1
+        record["stages"][stage.name] = {"command": command, "seconds": round(seconds, 1)}
+        atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
     return 0
 
 

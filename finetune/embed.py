@@ -160,7 +160,7 @@ class EncoderEmbedder:
         self.transforms = tuple(transforms)  # frames as the encoder saw them in training
         self.model = model.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
-        self.fingerprint = fingerprint or module_fingerprint(model)
+        self.fingerprint = fingerprint or module_fingerprint(model, repr(self.transforms))
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike,
@@ -205,9 +205,13 @@ class RawPixels:
         return x.view(B, V, T, -1)  # (B, V, T, D)
 
 
-def module_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of a module's state (names, shapes, values): a random-init encoder is cached too."""
+def module_fingerprint(model: torch.nn.Module, extra: str = "") -> str:
+    """sha256 of a module's state (names, shapes, values), its ``cfg`` when it has one (two
+    encoders with the same weights differ when, say, one masks the background) and ``extra``
+    (the input transforms): a random-init encoder is cached too."""
     h = hashlib.sha256()
+    h.update(repr(getattr(model, "cfg", None)).encode())
+    h.update(extra.encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())

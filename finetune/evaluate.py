@@ -48,11 +48,14 @@ def _embedders(encoder_dir: Path, seed: int, device: torch.device) -> dict:
 def run_retrieval(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
                   out_dir: str | os.PathLike, config: RetrievalConfig,
                   query_split: str = "val", batch_size: int = 8,
-                  progress: bool = True) -> dict | None:  # fmt: skip
+                  progress: bool = True,
+                  cache_dir: str | os.PathLike | None = None) -> dict | None:  # fmt: skip
     """Embed train (gallery) and ``query_split`` for every row, search, score; write
     ``OUT/retrieval.json``, ``OUT/retrieval.md`` and ``OUT/gallery.png`` (the model's top-1
-    retrievals); return the JSON content (rank 0; None on the other ranks of a multi-process
-    run, which initialises torch.distributed when the environment names several ranks)."""
+    retrievals). Embeddings are cached under ``cache_dir`` (default OUT/cache), keyed by
+    encoder and split, so runs with other query splits can share the gallery's. Returns the
+    JSON content (rank 0; None on the other ranks of a multi-process run, which initialises
+    torch.distributed when the environment names several ranks)."""
     splits = find_splits(shards)
     for name in ("train", query_split):
         if name not in splits:
@@ -64,18 +67,18 @@ def run_retrieval(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
     if owned:
         dist.init_distributed(env)
     try:
-        return _run(Path(encoder_dir), splits, Path(out_dir), config, query_split, batch_size,
-                    progress and dist.is_main())  # fmt: skip
+        cache = Path(cache_dir) if cache_dir is not None else Path(out_dir) / "cache"
+        return _run(Path(encoder_dir), splits, Path(out_dir), cache, config, query_split,
+                    batch_size, progress and dist.is_main())  # fmt: skip
     finally:
         if owned:  # no barrier: the other ranks left long before rank 0's search ends
             dist.shutdown(barrier_first=False)
 
 
-def _run(encoder_dir: Path, splits: dict, out: Path, config: RetrievalConfig, query_split: str,
-         batch_size: int, progress: bool) -> dict | None:  # fmt: skip
+def _run(encoder_dir: Path, splits: dict, out: Path, cache: Path, config: RetrievalConfig,
+         query_split: str, batch_size: int, progress: bool) -> dict | None:  # fmt: skip
     from pretrain.engine import dist
 
-    cache = out / "cache"
     embedders = _embedders(encoder_dir, config.seed, default_device())
     files = {(name, split): cache_embeddings(embedder, splits[split], cache, batch_size,
                                              progress=progress)

@@ -15,6 +15,7 @@ from pretrain.engine.deepspeed_config import EngineConfig, OptimizerConfig
 from pretrain.engine.loop import TrainConfig
 from pretrain.engine.schedules import LRSchedule
 from pretrain.model import BackboneConfig, EncoderConfig, MaskConfig, PoseBERTConfig
+from pretrain.model.augment import ColorAugmentConfig
 from pretrain.objectives import ContrastiveConfig, NegativeConfig
 
 replace = dataclasses.replace
@@ -91,8 +92,37 @@ def cluster_resnet50_224() -> RunConfig:
     )
 
 
+def gpu_pose_resnet50() -> RunConfig:
+    """The pose-sensitive recipe at full size on one GPU: ResNet-50 at 128 px, every lever
+    against appearance shortcuts on (background mask, colour jitter per view and window, span
+    masking, GT-pose negatives) over appearance-swapped shards (``posebert shards synth
+    --appearances-per-sample 2``, so 4 of the 8 views of a sample are drawn: the positives of a
+    frame include the same instant in other clothing and background). 16 windows x 4 views x
+    16 frames = 1,024 frames per step, 30,000 steps (about 30M frames, many passes over
+    the embedded clips' train frames). For 224 px, render the shards with ``--size 224``.
+    Expected cost in docs/pretraining.md."""
+    cfg = base()
+    return replace(
+        cfg,
+        recipe="gpu_pose_resnet50",
+        data=DataConfig(train="runs/shards-app/train", num_workers=8, shuffle_buffer=256,
+                        views=4),  # fmt: skip
+        model=PoseBERTConfig(
+            backbone=BackboneConfig(name="resnet50", channels_last=True, background_mask=True),
+            mask=MaskConfig(prob=0.3, span=3),
+            augment=ColorAugmentConfig(brightness=0.4, contrast=0.4, saturation=0.4,
+                                       color_cast=0.3, channel_shuffle=0.5),  # fmt: skip
+        ),
+        objective=ContrastiveConfig(negatives=NegativeConfig(kind="gt_pose", num=100)),
+        engine=EngineConfig(micro_batch_per_rank=16, precision="bf16",
+                            optimizer=OptimizerConfig(lr=5e-4),
+                            lr_schedule=LRSchedule(warmup_steps=1000)),  # fmt: skip
+        train=TrainConfig(max_steps=30_000, checkpoint_every=1000),
+    )
+
+
 RECIPES: dict[str, Callable[[], RunConfig]] = {
-    f.__name__: f for f in (base, debug_cpu, demo_cpu, cluster_resnet50_224)
+    f.__name__: f for f in (base, debug_cpu, demo_cpu, cluster_resnet50_224, gpu_pose_resnet50)
 }
 
 

@@ -99,3 +99,15 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def lift_shards(tmp_path_factory) -> Path:
+    """Real renders of the embedded motion, small: train walk + jump, val run, test dance_b,
+    2 cameras, 8-frame windows at 64 px (about 15 s to render, once per session)."""
+    from data_shards.synth import SynthConfig, build_splits
+
+    root = tmp_path_factory.mktemp("lift_shards")
+    splits = {"train": ("walk", "jump"), "val": ("run",), "test": ("dance_b",)}
+    build_splits(root, SynthConfig(views=2, frames=8, size=64), splits=splits, progress=False)
+    return root

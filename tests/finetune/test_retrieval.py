@@ -213,3 +213,25 @@ def test_cache_key_follows_encoder_and_split(split, tmp_path):
     _, f4 = embed_split_cached(RawPixels(4), split[0], tmp_path, progress=False)
     _, f8 = embed_split_cached(RawPixels(8), split[0], tmp_path, progress=False)
     assert f4 != f8
+
+
+def test_random_init_cache_key_follows_the_config_not_only_the_weights():
+    """Two random-init encoders with identical weights but another background-mask setting (or
+    another input size) must not share cached embeddings."""
+    import dataclasses
+
+    from data_shards.transforms import Resize
+    from finetune.embed import EncoderEmbedder, random_init_like
+    from pretrain.model import PoseBERT
+    from pretrain.recipes import debug_cpu
+
+    cfg = debug_cpu().model
+    masked = dataclasses.replace(
+        cfg, backbone=dataclasses.replace(cfg.backbone, background_mask=True))
+    plain, other = random_init_like(PoseBERT(cfg), 0), random_init_like(PoseBERT(masked), 0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 other.state_dict().values(), strict=True))
+    keys = {EncoderEmbedder(plain).fingerprint, EncoderEmbedder(other).fingerprint,
+            EncoderEmbedder(plain, transforms=(Resize(32),)).fingerprint}
+    assert len(keys) == 3
+    assert EncoderEmbedder(random_init_like(PoseBERT(cfg), 0)).fingerprint in keys

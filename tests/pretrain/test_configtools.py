@@ -58,3 +58,25 @@ def test_bad_overrides_name_the_field(override, message):
 def test_parse_value():
     assert parse_value("3") == 3 and parse_value("1e-4") == 1e-4 and parse_value("True") is True
     assert parse_value("resnet50") == "resnet50" and parse_value("[1,2]") == [1, 2]
+
+
+def test_every_recipe_builds_and_round_trips():
+    from pretrain.config import RunConfig
+    from pretrain.configtools import from_dict, to_dict
+    from pretrain.recipes import RECIPES
+
+    for name, recipe in RECIPES.items():
+        cfg = recipe()
+        assert cfg.recipe == name
+        assert from_dict(RunConfig, to_dict(cfg)) == cfg
+
+
+def test_gpu_pose_recipe_switches_on_every_appearance_lever():
+    from pretrain.recipes import gpu_pose_resnet50
+
+    cfg = gpu_pose_resnet50()
+    assert cfg.model.backbone.name == "resnet50" and cfg.model.backbone.background_mask
+    assert cfg.model.mask.span > 1 and cfg.data.views == 4
+    augment = cfg.model.augment
+    assert min(augment.brightness, augment.contrast, augment.saturation) > 0
+    assert cfg.objective.negatives.kind == "gt_pose" and cfg.engine.precision == "bf16"

@@ -109,6 +109,13 @@ def test_debug_cpu_matches_golden_curve_and_exports(shards, tmp_path):
     assert rows["oracle"]["mpjpe"]["top1"] <= rows["chance"]["mpjpe"]["top1"]
     assert "| oracle |" in (out / "retrieval.md").read_text()
     assert (out / "gallery.png").stat().st_size > 5_000
+    cached = sorted(p.name for p in (out / "cache").iterdir())
+    again = tmp_path / "retrieval-again"  # another output, the first one's embeddings
+    assert main(["evaluate", "retrieval", "--encoder", str(enc), "--shards", str(shards),
+                 "--out", str(again), "--k", "3", "--cache", str(out / "cache")]) == 0  # fmt: skip
+    assert not (again / "cache").exists()
+    assert sorted(p.name for p in (out / "cache").iterdir()) == cached
+    assert json.loads((again / "retrieval.json").read_text())["rows"] == rows
 
 
 def test_two_processes_zero2_loss_decreases_and_reruns_resume(shards, tmp_path):
