@@ -155,8 +155,9 @@ def _row(r: dict, chance: float, oracle: float) -> dict:
 
 
 def summarize(out: Path, variants: list[str], commands: dict, settings: dict) -> dict:
-    """Per held-out set: the reference rows (from the first variant's run: random-init's
-    input follows that variant's background-mask setting) and every variant's model row."""
+    """Per held-out set: the reference rows (from the first variant's run; random-init's input
+    follows the background-mask setting, so a variant with the other setting adds its own
+    random-init row) and every variant's model row."""
     heldout = {}
     for split in HELDOUT:
         runs = {v: json.loads((out / v.lstrip("+") / f"retrieval-{split}" / "retrieval.json")
@@ -165,11 +166,15 @@ def summarize(out: Path, variants: list[str], commands: dict, settings: dict) ->
         chance = first["rows"]["chance"]["mpjpe"]["top1"]
         oracle = first["rows"]["oracle"]["mpjpe"]["top1"]
         manifest = json.loads((out / "shards" / split / "manifest.json").read_text())
+        reference = {name: _row(first["rows"][name], chance, oracle) for name in REFERENCE_ROWS}
+        masked = [v for v in variants if "background-mask" in VARIANTS[v]]
+        if masked and masked[0] != variants[0]:  # random-init sees masked frames there
+            reference["random-init, background mask"] = _row(
+                runs[masked[0]]["rows"]["random-init"], chance, oracle)
         heldout[split] = {
             "clips": list(manifest["source"]["clips"]),
             "probe_mean_pose_mpjpe": first["protocol"]["probe_mean_pose_mpjpe"],
-            "reference": {name: _row(first["rows"][name], chance, oracle)
-                          for name in REFERENCE_ROWS},
+            "reference": reference,
             "variants": {v: _row(runs[v]["rows"]["model"], chance, oracle) for v in variants},
         }  # fmt: skip
     return {
@@ -192,7 +197,7 @@ def markdown(results: dict) -> str:
         for name, r in [*h["variants"].items(), *h["reference"].items()]:
             probe = "-" if r["probe_mpjpe"] is None else f"{r['probe_mpjpe']:.1f}"
             rows.append([name, f"{r['mpjpe_top1']:.1f}", f"{r['p_mpjpe_top1']:.1f}",
-                         f"{r['gap_closed']:.0%}", probe])  # fmt: skip
+                         f"{round(r['gap_closed'], 2) + 0.0:.0%}", probe])  # fmt: skip
         lines += md_table(["encoder", "retrieval top-1 MPJPE", "P-MPJPE", "gap closed",
                            "linear probe MPJPE"], rows)  # fmt: skip
         lines.append("")
