@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from data_shards.manifest import atomic_write_text
-from finetune.demo import FULL_STEPS, QUICK_CLIPS, QUICK_STEPS, Stage, run_stages
+from finetune.demo import FULL_STEPS, QUICK_CLIPS, QUICK_STEPS, Stage, open_record, run_stages
 from finetune.report import gap_closed, md_table, pyplot, save_figure
 
 HELDOUT = ("val", "test")
@@ -120,19 +120,11 @@ def pretrain_stage(out: Path, variant: str, quick: bool, nproc: int) -> Stage:
 def run_ablation(out_dir: str | os.PathLike, variants: str | None = None, quick: bool = False,
                  nproc: int = 2) -> int:  # fmt: skip
     """Run (or continue) every stage, then write DIR/ablation.json, .md and .png."""
-    if nproc < 1:
-        raise ValueError(f"--nproc-per-node must be >= 1, got {nproc}")
     chosen = parse_variants(variants)
     out = Path(out_dir)
     record_path = out / "ablation-run.json"
     settings = {"quick": quick, "nproc": nproc}
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if record and record.get("settings") != settings:
-        raise ValueError(f"{out} holds an ablation run with other settings "
-                         f"{record.get('settings')}; choose another --out or delete "
-                         "it")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"settings": settings, "stages": record.get("stages", {})}
+    record = open_record(record_path, "an ablation run", settings)
     stages = plan(out, chosen, quick, nproc)
     code = run_stages(stages, "ablation", record, record_path)
     if code:

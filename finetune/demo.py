@@ -74,17 +74,9 @@ def plan(out: Path, quick: bool, nproc: int) -> list[Stage]:
 
 def run_demo(out_dir: str | os.PathLike, quick: bool = False, nproc: int = 2) -> int:
     """Run (or continue) every stage, then write DIR/results.json and DIR/results.md."""
-    if nproc < 1:
-        raise ValueError(f"--nproc-per-node must be >= 1, got {nproc}")
     out = Path(out_dir)
     record_path = out / "demo.json"
-    settings = {"quick": quick, "nproc": nproc}
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if record and record.get("settings") != settings:
-        raise ValueError(f"{out} holds a demo run with other settings {record.get('settings')}; "
-                         "choose another --out or delete it")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"settings": settings, "stages": record.get("stages", {})}
+    record = open_record(record_path, "a demo run", {"quick": quick, "nproc": nproc})
     code = run_stages(plan(out, quick, nproc), "demo", record, record_path)
     if code:
         return code
@@ -94,6 +86,21 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, nproc: int = 2) ->
     atomic_write_text(out / "results.md", text)
     print(text)
     return 0
+
+
+def open_record(record_path: Path, what: str, settings: dict) -> dict:
+    """The stage record of a staged run (``{"settings", "stages"}``), continued from
+    ``record_path`` when it holds one with the same settings; creates the folder. One-line
+    ``ValueError`` when nproc is below 1 or the folder holds ``what`` with other settings."""
+    if settings.get("nproc", 1) < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {settings['nproc']}")
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record and record.get("settings") != settings:
+        raise ValueError(f"{record_path.parent} holds {what} with other settings "
+                         f"{record.get('settings')}; choose another --out or delete "
+                         "it")  # fmt: skip
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    return {"settings": settings, "stages": record.get("stages", {})}
 
 
 def run_stages(stages: list[Stage], tag: str, record: dict, record_path: Path) -> int:
