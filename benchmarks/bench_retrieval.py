@@ -5,8 +5,9 @@
 
 For each N: N queries against N gallery vectors (float32, standard normal, seeded), top-k by
 squared L2 distance (top-1 is the first column of the same search):
-- FAISS: the project's index and search (:func:`finetune.retrieval.build_index` flat L2 on the
-  CPU, :func:`finetune.retrieval.search` in query chunks of 8,192); and its approximate IVF-PQ
+- FAISS: the project's index and search (:func:`finetune.evaluation.retrieval.build_index`
+  flat L2 on the CPU, :func:`finetune.evaluation.retrieval.search` in query chunks of 8,192);
+  and its approximate IVF-PQ
   index (``--index ivfpq``, default cells / sub-quantizers) with its recall of the exact
   nearest neighbour (R1@1: ranked first; R1@k: among the k);
 - numpy: chunked ``|g|^2 - 2 q g^T`` (one BLAS sgemm per chunk), argpartition, sort;
@@ -36,7 +37,7 @@ import faiss
 import numpy as np
 import torch
 
-from finetune.retrieval import build_index, search
+from finetune.evaluation.retrieval import build_index, search
 
 
 def _openblas() -> ctypes.CDLL | None:

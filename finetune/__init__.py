@@ -3,8 +3,8 @@
 
 def load_videopose3d(path, key: str = "model_pos", causal: bool = False):
     """VideoPose3D's published checkpoint as a model in eval mode (see
-    :func:`finetune.lift.videopose3d.load_videopose3d`); imported lazily, so ``import finetune``
-    stays light."""
-    from finetune.lift.videopose3d import load_videopose3d as load
+    :func:`finetune.heads.lift.videopose3d.load_videopose3d`); imported lazily, so
+    ``import finetune`` stays light."""
+    from finetune.heads.lift.videopose3d import load_videopose3d as load
 
     return load(path, key, causal)

@@ -1,4 +1,4 @@
-"""`posebert evaluate retrieval`, `posebert finetune pose|future` and `posebert demo`."""
+"""`posebert evaluate retrieval` and `posebert finetune pose|future|lift`."""
 
 from __future__ import annotations
 
@@ -64,22 +64,6 @@ def register(stages: argparse._SubParsersAction) -> None:
                    "(--set help lists them)")  # fmt: skip
     p.set_defaults(handler=cmd_lift)
 
-    p = stages.add_parser("demo", help="the whole pipeline on the embedded data, one table")
-    p.add_argument("--out", required=True, help="output directory (re-running it continues)")
-    p.add_argument("--quick", action="store_true", help="a sliver of the data, a few minutes")
-    p.add_argument("--nproc-per-node", type=int, default=2, help="pretraining processes")
-    p.set_defaults(handler=cmd_demo)
-
-    p = stages.add_parser("ablation", help="which pretraining levers make features carry pose: "
-                          "retrieval on two held-out clip sets")  # fmt: skip
-    p.add_argument("--out", required=True, help="output directory (re-running it continues)")
-    p.add_argument("--variants", default=None, metavar="V,V,...",
-                   help="baseline, +background-mask, +augment, +appearance-swap, +span-mask, "
-                   "all (default: every one)")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a sliver of the data, a few minutes")
-    p.add_argument("--nproc-per-node", type=int, default=2, help="pretraining processes")
-    p.set_defaults(handler=cmd_ablation)
-
 
 def _add_set(p: argparse.ArgumentParser, head: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -88,8 +72,8 @@ def _add_set(p: argparse.ArgumentParser, head: str) -> None:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    from finetune.evaluate import launch_retrieval, run_retrieval
-    from finetune.retrieval import RetrievalConfig
+    from finetune.evaluation.evaluate import launch_retrieval, run_retrieval
+    from finetune.evaluation.retrieval import RetrievalConfig
 
     if args.nproc_per_node < 1:
         raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
@@ -135,7 +119,7 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 def cmd_pose(args: argparse.Namespace) -> int:
-    from finetune.pose import PoseConfig, run_pose
+    from finetune.heads.pose import PoseConfig, run_pose
 
     modes = None if args.modes is None else tuple(m.strip() for m in args.modes.split(","))
     config = _config(PoseConfig, args.overrides, modes=modes,
@@ -147,7 +131,7 @@ def cmd_pose(args: argparse.Namespace) -> int:
 
 
 def cmd_future(args: argparse.Namespace) -> int:
-    from finetune.future import FutureConfig, run_future
+    from finetune.heads.future import FutureConfig, run_future
 
     config = _config(FutureConfig, args.overrides)
     run_future(args.shards, args.out, config, progress=sys.stderr.isatty())
@@ -156,8 +140,8 @@ def cmd_future(args: argparse.Namespace) -> int:
 
 
 def cmd_lift(args: argparse.Namespace) -> int:
-    from finetune.lift.base import get_method
-    from finetune.lift.run import run_lift
+    from finetune.heads.lift.base import get_method
+    from finetune.heads.lift.run import run_lift
 
     method = get_method(args.method)
     if args.rows == "help" or "help" in args.overrides:
@@ -168,15 +152,3 @@ def cmd_lift(args: argparse.Namespace) -> int:
              progress=sys.stderr.isatty())  # fmt: skip
     print((Path(args.out) / "lift.md").read_text())
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from finetune.demo import run_demo
-
-    return run_demo(args.out, quick=args.quick, nproc=args.nproc_per_node)
-
-
-def cmd_ablation(args: argparse.Namespace) -> int:
-    from finetune.ablation import run_ablation
-
-    return run_ablation(args.out, args.variants, quick=args.quick, nproc=args.nproc_per_node)

@@ -23,6 +23,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from data_shards.cli import register as register_shards
     from finetune.cli import register as register_finetune
+    from pipelines.cli import register as register_pipelines
     from pretrain.cli import register as register_pretrain
     from slurm.cli import register as register_slurm
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_shards(stages)
     register_pretrain(stages)
     register_finetune(stages)
+    register_pipelines(stages)
     register_slurm(stages)
     return parser
 

@@ -82,7 +82,7 @@ def slurm_cluster(tmp_path_factory):
     files at the end, whatever the tests did; a watchdog stops it too if the session dies first.
     Where it cannot run (not root, apt failed) the tests skip with the reason; under ``CI=true``
     that is a failure instead: CI must run them."""
-    from slurm.localcluster import ClusterUnavailable, LocalCluster
+    from localcluster import ClusterUnavailable, LocalCluster
 
     cluster = LocalCluster(tmp_path_factory.mktemp("slurm"))
     unavailable = None

@@ -54,22 +54,25 @@ class MetricsLogger:
 
     def __init__(
         self,
-        out_dir: Path,
+        out_dir: Path | None,
         enabled: bool,
         start_step: int,
         max_steps: int,
         tensorboard: bool = True,
         progress: bool = True,
+        desc: str | None = None,
     ):
+        """``out_dir`` None: no file and no TensorBoard, the progress bar only."""
         self.enabled = enabled
         self._file = self._tb = self._bar = None
         if not enabled:
             return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / METRICS_FILE
-        truncate_after(path, start_step)
-        self._file = open(path, "a")
-        if tensorboard:
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / METRICS_FILE
+            truncate_after(path, start_step)
+            self._file = open(path, "a")
+        if tensorboard and out_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -79,28 +82,28 @@ class MetricsLogger:
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(
-                total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False
-            )
+            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", desc=desc,
+                             dynamic_ncols=True, leave=False)  # fmt: skip
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one step's record (``step`` required; non-finite floats become null)."""
         if not self.enabled:
             return
-        clean = {k: _json_value(v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            clean = {k: _json_value(v) for k, v in record.items()}
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"train/{k}", v, record["step"])
         if self._bar is not None:
             loss = record.get("loss")
-            self._bar.set_postfix(
-                loss="skipped" if loss is None or not math.isfinite(loss) else f"{loss:.4g}",
-                fps=f"{record.get('frames_per_s', 0):.0f}",
-                refresh=False,
-            )
+            shown = {"loss": "skipped" if loss is None or not math.isfinite(loss)
+                     else f"{loss:.4g}"}  # fmt: skip
+            if "frames_per_s" in record:
+                shown["fps"] = f"{record['frames_per_s']:.0f}"
+            self._bar.set_postfix(shown, refresh=False)
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:

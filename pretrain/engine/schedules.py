@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 
 def warmup_cosine(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
@@ -28,6 +29,20 @@ def warmup_cosine(step: int, peak: float, warmup: int, total: int, floor: float)
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
 
+def warmup_exponential(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
+    """The warm-up of :func:`warmup_cosine`, then ``peak * (floor / peak) ** progress``: a
+    geometric decay reaching ``floor`` at step ``total`` (VideoPose3D's per-epoch factor, spread
+    over steps); ``floor`` after that."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    if step >= total or peak == 0:
+        return floor
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor / peak) ** progress
+
+
 def exponential_decay(step: int, start: float, decay: float, floor: float) -> float:
     """``max(start * decay**step, floor)`` (e.g. a Gumbel-softmax temperature, wav2vec2)."""
     if step < 0:
@@ -37,8 +52,10 @@ def exponential_decay(step: int, start: float, decay: float, floor: float) -> fl
 
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
-    """Learning rate per optimizer step: linear warm-up, cosine decay to a floor."""
+    """Learning rate per optimizer step: linear warm-up, then a decay to a floor."""
 
+    decay: Literal["cosine", "exponential", "constant"] = "cosine"
+    """After the warm-up: cosine to the floor, geometric to the floor, or the peak throughout."""
     warmup_steps: int = 0
     """Steps of linear warm-up."""
     decay_steps: int | None = None
@@ -59,6 +76,9 @@ class LRSchedule:
     def lr(self, step: int, peak: float, max_steps: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based) for a run of ``max_steps``."""
         total = self.decay_steps if self.decay_steps is not None else max_steps
-        return warmup_cosine(
-            step, peak, self.warmup_steps, max(total, self.warmup_steps), peak * self.min_lr_ratio
-        )
+        total, floor = max(total, self.warmup_steps), peak * self.min_lr_ratio
+        if self.decay == "constant":
+            return warmup_cosine(step, peak, self.warmup_steps, total, peak)
+        if self.decay == "exponential" and self.min_lr_ratio > 0:
+            return warmup_exponential(step, peak, self.warmup_steps, total, floor)
+        return warmup_cosine(step, peak, self.warmup_steps, total, floor)

@@ -1,4 +1,4 @@
-"""The SLURM path against a real two-node cluster on loopback (slurm/localcluster.py).
+"""The SLURM path against a real two-node cluster on loopback (tests/localcluster.py).
 
 A 2-node srun and a gloo all_reduce whose rendezvous comes from SLURM_NODELIST; then the
 project's own job scripts through ``posebert slurm``: the two-node CPU pretraining of

@@ -1,0 +1,336 @@
+"""Nearest-neighbour retrieval evaluation: FAISS index, chunked search, retrieval MPJPE.
+
+For each validation frame (query) the nearest train frames (gallery) in embedding space are
+found with FAISS (on the GPU when FAISS sees one, else the CPU; exact flat by default, IVF-PQ
+for millions); the score is the error between the query's 3D pose and the retrieved frame's,
+root-relative in each frame's camera coordinates:
+
+- top-1 MPJPE (protocol 1) and P-MPJPE (protocol 2, after Procrustes alignment with rotation,
+  translation and scale, reflections excluded), mm; top-k: the minimum over the k retrieved;
+- Hit@k at MPJPE thresholds: share of queries with a top-k match within the threshold;
+- per action; options to exclude matches from the query's own clip and a cross-view mode where
+  a query never matches a frame of its own camera.
+
+Reference rows use the same scoring (:func:`score_neighbours`): ``oracle`` (the gallery frame
+nearest in ground-truth pose, found by FAISS on flattened poses: L2 over all joints, the
+closest proxy of MPJPE an index can rank by) and ``chance`` (random gallery frames, seeded).
+A random-init encoder and raw pixels are just other embeddings (:mod:`finetune.evaluation.embed`).
+
+Indexes are cached beside their embeddings with a sha256 that is checked before FAISS parses
+a byte (a corrupted index often loads and searches without error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from finetune.evaluation.embed import Embeddings, is_complete, open_verified, save_verified
+from finetune.evaluation.metrics import mpjpe, p_mpjpe
+
+FAISS_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
+INDEX_KINDS = ("flat", "ivfpq")
+
+Exclusion = tuple[np.ndarray, np.ndarray]
+"""(query groups (Nq,), gallery groups (Ng,)): a match with an equal group is excluded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """How retrieval is run and scored; validated when built."""
+
+    k: int = 5
+    """Neighbours retrieved per query (top-k metrics use the first k)."""
+    ks: tuple[int, ...] = (1, 5)
+    """The k values reported (each <= k)."""
+    thresholds_mm: tuple[float, ...] = (50.0, 100.0, 150.0)
+    """MPJPE thresholds of Hit@k."""
+    kind: str = "flat"
+    """'flat' (exact) or 'ivfpq' (approximate, for millions of frames)."""
+    metric: str = "l2"
+    """'l2' or 'ip' (inner product = cosine on L2-normalised embeddings)."""
+    gpu: str | bool = "auto"
+    """'auto': GPU when FAISS sees one; True: require one; False: CPU."""
+    chunk: int = 8192
+    """Queries searched at once (memory bound: chunk x fetched neighbours)."""
+    exclude_same_clip: bool = False
+    """Never match a frame of the query's own clip (sequence)."""
+    cross_view: bool = False
+    """Never match a frame seen by the query's own camera (queries from one camera, gallery
+    from the others)."""
+    seed: int = 0
+    """Seed of the chance row and of IVF-PQ training samples."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"kind={self.kind!r}; expected one of {INDEX_KINDS}")
+        if self.metric not in FAISS_METRICS:
+            raise ValueError(f"metric={self.metric!r}; expected one of {tuple(FAISS_METRICS)}")
+        if self.k < 1 or not self.ks or any(not 1 <= k <= self.k for k in self.ks):
+            raise ValueError(f"need 1 <= ks <= k; got k={self.k}, ks={self.ks}")
+        if self.chunk < 1:
+            raise ValueError(f"chunk={self.chunk} must be >= 1")
+
+
+# ------------------------------------------------------------------------------ the index
+
+
+def use_gpu(gpu: str | bool) -> bool:
+    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if gpu == "auto":
+        return n > 0
+    if gpu and n == 0:
+        raise RuntimeError("gpu=True but FAISS sees no GPU (faiss.get_num_gpus() == 0)")
+    return bool(gpu)
+
+
+def build_index(
+    vectors: np.ndarray,
+    kind: str = "flat",
+    metric: str = "l2",
+    gpu: str | bool = "auto",
+    nlist: int | None = None,
+    m: int | None = None,
+    nbits: int = 8,
+    nprobe: int = 16,
+    seed: int = 0,
+) -> faiss.Index:
+    """A FAISS index over ``vectors`` (N, D). IVF-PQ: ``nlist`` cells (default ~4 sqrt N, at
+    least 39 training points each), ``m`` sub-quantizers of ``nbits`` bits, ``nprobe`` cells
+    visited per query."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    N, d = x.shape
+    if N == 0:
+        raise ValueError("cannot build an index over 0 vectors")
+    if metric not in FAISS_METRICS:
+        raise ValueError(f"metric={metric!r}; expected one of {tuple(FAISS_METRICS)}")
+    if kind == "flat":
+        index = faiss.IndexFlat(d, FAISS_METRICS[metric])
+    elif kind == "ivfpq":
+        nlist = nlist or max(1, min(int(4 * np.sqrt(N)), N // 39))
+        m = m or next(c for c in (16, 8, 4, 2, 1) if d % c == 0)
+        nbits = max(1, min(nbits, int(np.log2(N))))  # PQ training needs >= 2**nbits points
+        quantizer = faiss.IndexFlat(d, FAISS_METRICS[metric])
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, FAISS_METRICS[metric])
+        rng = np.random.default_rng(seed)
+        sample = x[rng.choice(N, min(N, 256 * max(nlist, 2**nbits)), replace=False)]
+        index.train(sample)
+        index.nprobe = min(nprobe, nlist)
+    else:
+        raise ValueError(f"kind={kind!r}; expected one of {INDEX_KINDS}")
+    if use_gpu(gpu):
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(x)
+    return index
+
+
+def save_index(index: faiss.Index, path: str | os.PathLike) -> Path:
+    """Atomic write with a sha256 file beside it (GPU indexes are copied to the CPU first)."""
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        index = faiss.index_gpu_to_cpu(index)
+    return save_verified(path, faiss.serialize_index(index).tobytes())
+
+
+def load_index(path: str | os.PathLike, gpu: str | bool = "auto") -> faiss.Index:
+    """The index at ``path``; its sha256 is verified before FAISS parses it (the bytes checked
+    are the bytes parsed: no re-read between check and use)."""
+    data = open_verified(path)
+    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    return faiss.index_cpu_to_all_gpus(index) if use_gpu(gpu) else index
+
+
+def cached_index(gallery: Embeddings, folder: str | os.PathLike,
+                 config: RetrievalConfig) -> faiss.Index:  # fmt: skip
+    """The gallery's index from ``folder`` (the embeddings' cache folder), built and saved when
+    missing or half-written; a tampered one raises
+    :class:`finetune.evaluation.embed.ChecksumError`."""
+    path = Path(folder) / f"index-{config.kind}-{config.metric}.faiss"
+    if is_complete(path):
+        return load_index(path, config.gpu)
+    index = build_index(gallery.vectors, config.kind, config.metric, config.gpu, seed=config.seed)
+    save_index(index, path)
+    return index
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    chunk: int = 8192,
+    exclude: Sequence[Exclusion] = (),
+    max_elements: int = 1 << 24,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of each query: distances (Nq, k) float32 and ids (Nq, k) int64, best first.
+
+    Queries go ``chunk`` at a time. With ``exclude`` the search fetches more neighbours than
+    k and drops the excluded ones, fetching 4x more for the rows still short (up to the whole
+    index, in sub-chunks of at most ``max_elements`` ids). Rows with fewer than k admissible
+    matches are padded with id -1 and distance NaN.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    Nq = len(q)
+    D = np.full((Nq, k), np.nan, dtype=np.float32)
+    ids = np.full((Nq, k), -1, dtype=np.int64)
+    for start in range(0, Nq, chunk):
+        rows = np.arange(start, min(start + chunk, Nq))
+        fetch = min(index.ntotal, 2 * k if exclude else k)
+        while len(rows):
+            short = []
+            step = max(1, max_elements // max(fetch, 1))
+            for s in range(0, len(rows), step):
+                sub = rows[s : s + step]
+                d, i = index.search(q[sub], fetch)
+                keep = i >= 0
+                for qg, gg in exclude:
+                    keep &= qg[sub][:, None] != gg[np.maximum(i, 0)]
+                order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept first, in order
+                got = np.take_along_axis(keep, order, 1)
+                D[sub, : order.shape[1]] = np.where(got, np.take_along_axis(d, order, 1), np.nan)
+                ids[sub, : order.shape[1]] = np.where(got, np.take_along_axis(i, order, 1), -1)
+                short.append(sub[keep.sum(1) < k])
+            rows = np.concatenate(short)
+            if fetch >= index.ntotal:
+                break
+            fetch = min(index.ntotal, 4 * fetch)
+    return D, ids
+
+
+def exclusions(query: Embeddings, gallery: Embeddings, config: RetrievalConfig) -> list[Exclusion]:
+    out = []
+    if config.exclude_same_clip:
+        out.append((query.clips, gallery.clips))
+    if config.cross_view:
+        out.append((query.cameras, gallery.cameras))
+    return out
+
+
+# ------------------------------------------------------------------------ errors and scores
+
+
+def _per_frame_mpjpe(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    return np.asarray(mpjpe(pred, target, reduce="none"))
+
+
+def _per_frame_p_mpjpe(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    return np.asarray(p_mpjpe(pred, target, reduce="none"))
+
+
+@dataclasses.dataclass
+class Scores:
+    """Errors of each query's retrieved frames; ``inf`` where a neighbour is missing (-1)."""
+
+    neighbours: np.ndarray
+    """(Nq, k) gallery row ids, best first; -1 = none admissible."""
+    mpjpe: np.ndarray
+    """(Nq, k) mm."""
+    p_mpjpe: np.ndarray
+    """(Nq, k) mm."""
+    actions: np.ndarray
+    """(Nq,) action of each query."""
+
+    def summary(self, ks: Sequence[int], thresholds_mm: Sequence[float]) -> dict:
+        """Overall and per-action means: {'queries', 'mpjpe': {'top1'..}, 'p_mpjpe', 'hit'}."""
+        out = _summarise(self.mpjpe, self.p_mpjpe, ks, thresholds_mm)
+        out["per_action"] = {
+            a: _summarise(
+                self.mpjpe[self.actions == a], self.p_mpjpe[self.actions == a], ks, thresholds_mm
+            )  # fmt: skip
+            for a in sorted(set(self.actions.tolist()))
+        }
+        return out
+
+
+def _summarise(mpjpe: np.ndarray, p_mpjpe: np.ndarray, ks: Sequence[int],
+               thresholds_mm: Sequence[float]) -> dict:  # fmt: skip
+    found = np.isfinite(mpjpe[:, 0])
+    out: dict = {"queries": int(len(mpjpe)), "unmatched": int((~found).sum())}
+    best = {k: mpjpe[found, :k].min(axis=1) for k in ks}
+    out["mpjpe"] = {f"top{k}": _mean(best[k]) for k in ks}
+    out["p_mpjpe"] = {f"top{k}": _mean(p_mpjpe[found, :k].min(axis=1)) for k in ks}
+    out["hit"] = {
+        f"top{k}@{t:g}mm": float((best[k] <= t).sum() / max(len(mpjpe), 1))
+        for k in ks
+        for t in thresholds_mm
+    }
+    return out
+
+
+def _mean(x: np.ndarray) -> float | None:
+    return float(x.mean()) if len(x) else None
+
+
+def score_neighbours(query: Embeddings, gallery: Embeddings, neighbours: np.ndarray,
+                     chunk: int = 4096) -> Scores:  # fmt: skip
+    """Pose errors between each query and its neighbours (chunked: chunk x k poses at once)."""
+    Nq, k = neighbours.shape
+    mp = np.full((Nq, k), np.inf)
+    pmp = np.full((Nq, k), np.inf)
+    for s in range(0, Nq, chunk):
+        nb = neighbours[s : s + chunk]
+        ok = nb >= 0
+        target = query.pose3d[s : s + chunk, None].astype(np.float64)  # (n, 1, J, 3)
+        pred = gallery.pose3d[np.maximum(nb, 0)].astype(np.float64)  # (n, k, J, 3)
+        target = np.repeat(target, k, axis=1)  # (n, k, J, 3), writable for torch metrics
+        mp[s : s + chunk] = np.where(ok, _per_frame_mpjpe(pred, target), np.inf)
+        pmp[s : s + chunk] = np.where(ok, _per_frame_p_mpjpe(pred, target), np.inf)
+    return Scores(neighbours, mp, pmp, query.actions)
+
+
+# ---------------------------------------------------------------------------------- rows
+
+
+def retrieve(query: Embeddings, gallery: Embeddings, config: RetrievalConfig,
+             index: faiss.Index | None = None) -> Scores:  # fmt: skip
+    """The model row: nearest gallery embeddings of each query embedding, scored."""
+    if query.vectors.shape[1] != gallery.vectors.shape[1]:
+        raise ValueError(
+            f"query dim {query.vectors.shape[1]} != gallery dim {gallery.vectors.shape[1]}"
+        )
+    if index is None:
+        index = build_index(gallery.vectors, config.kind, config.metric, config.gpu,
+                            seed=config.seed)  # fmt: skip
+    if index.ntotal != len(gallery):
+        raise ValueError(f"index holds {index.ntotal} vectors, gallery has {len(gallery)}")
+    _, nb = search(index, query.vectors, config.k, config.chunk,
+                   exclusions(query, gallery, config))  # fmt: skip
+    return score_neighbours(query, gallery, nb)
+
+
+def oracle(query: Embeddings, gallery: Embeddings, config: RetrievalConfig) -> Scores:
+    """Reference row: nearest gallery frames in ground-truth pose (exact L2 on flat poses)."""
+    flat = gallery.pose3d.reshape(len(gallery), -1)
+    index = build_index(flat, "flat", "l2", config.gpu)
+    _, nb = search(index, query.pose3d.reshape(len(query), -1), config.k, config.chunk,
+                   exclusions(query, gallery, config))  # fmt: skip
+    return score_neighbours(query, gallery, nb)
+
+
+def chance(query: Embeddings, gallery: Embeddings, config: RetrievalConfig) -> Scores:
+    """Reference row: k random admissible gallery frames per query (seeded; with replacement
+    across the k, which matters only for galleries of a handful of frames)."""
+    rng = np.random.default_rng(config.seed)
+    nb = rng.integers(0, len(gallery), size=(len(query), config.k))
+    rules = exclusions(query, gallery, config)
+    for _ in range(64):  # redraw excluded picks; a query with no admissible frame stays -1
+        bad = np.zeros(nb.shape, dtype=bool)
+        for qg, gg in rules:
+            bad |= qg[:, None] == gg[nb]
+        if not bad.any():
+            break
+        nb[bad] = rng.integers(0, len(gallery), size=int(bad.sum()))
+    else:
+        nb[bad] = -1
+    return score_neighbours(query, gallery, nb)
+
+
+def reference_rows(query: Embeddings, gallery: Embeddings,
+                   config: RetrievalConfig) -> dict[str, Scores]:  # fmt: skip
+    return {"oracle": oracle(query, gallery, config), "chance": chance(query, gallery, config)}

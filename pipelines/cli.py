@@ -1,0 +1,35 @@
+"""`posebert demo` and `posebert ablation`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(stages: argparse._SubParsersAction) -> None:
+    p = stages.add_parser("demo", help="the whole pipeline on the embedded data, one table")
+    p.add_argument("--out", required=True, help="output directory (re-running it continues)")
+    p.add_argument("--quick", action="store_true", help="a sliver of the data, a few minutes")
+    p.add_argument("--nproc-per-node", type=int, default=2, help="pretraining processes")
+    p.set_defaults(handler=cmd_demo)
+
+    p = stages.add_parser("ablation", help="which pretraining levers make features carry pose: "
+                          "retrieval on two held-out clip sets")  # fmt: skip
+    p.add_argument("--out", required=True, help="output directory (re-running it continues)")
+    p.add_argument("--variants", default=None, metavar="V,V,...",
+                   help="baseline, +background-mask, +augment, +appearance-swap, +span-mask, "
+                   "all (default: every one)")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a sliver of the data, a few minutes")
+    p.add_argument("--nproc-per-node", type=int, default=2, help="pretraining processes")
+    p.set_defaults(handler=cmd_ablation)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(args.out, quick=args.quick, nproc=args.nproc_per_node)
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from pipelines.ablation import run_ablation
+
+    return run_ablation(args.out, args.variants, quick=args.quick, nproc=args.nproc_per_node)
