@@ -23,8 +23,8 @@ import time
 
 import torch
 
+from data_shards.configtools import apply_overrides
 from data_shards.read import ShardReader
-from pretrain.configtools import apply_overrides
 from pretrain.engine import dist
 from pretrain.engine.loop import build_engine
 from pretrain.recipes import get_recipe

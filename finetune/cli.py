@@ -100,7 +100,7 @@ def _config(cls: type, overrides: list[str], **fields):
     """``cls`` with the named flags and then ``--set key=value`` overrides applied."""
     import dataclasses
 
-    from pretrain.configtools import apply_overrides
+    from data_shards.configtools import apply_overrides
 
     if "help" in overrides:
         for f in dataclasses.fields(cls):

@@ -26,7 +26,7 @@ def register(stages: argparse._SubParsersAction) -> None:
 
 
 def resolve_config(recipe: str, overrides: list[str]):
-    from pretrain.configtools import apply_overrides
+    from data_shards.configtools import apply_overrides
     from pretrain.recipes import get_recipe
 
     return apply_overrides(get_recipe(recipe), overrides)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from data_shards.configtools import from_dict, to_dict
 from data_shards.read import ReaderConfig
 from data_shards.transforms import Resize, SelectViews, TemporalCrop
-from pretrain.configtools import from_dict, to_dict
 from pretrain.engine.deepspeed_config import EngineConfig
 from pretrain.engine.loop import TrainConfig
 from pretrain.model import PoseBERTConfig

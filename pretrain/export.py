@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_shards.configtools import from_dict, to_dict
 from data_shards.manifest import atomic_write_text
-from pretrain.configtools import from_dict, to_dict
 from pretrain.engine.checkpoint import CheckpointManager, load_file_safely, verify
 from pretrain.model import PoseBERT, PoseBERTConfig
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.configtools import ConfigError, from_dict
+from data_shards.configtools import ConfigError, from_dict
 from pretrain.objectives import (
     CollapseConfig,
     CollapseMonitor,

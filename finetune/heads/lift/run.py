@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_shards.configtools import apply_overrides
 from data_shards.manifest import atomic_write_text
 from finetune.evaluation import metrics
 from finetune.heads.lift.base import LiftData, LiftMethod, get_method
 from finetune.heads.lift.data import Sequence, check_joints, read_splits, root_relative_m
 from finetune.report import md_table, pyplot, save_figure
-from pretrain.configtools import apply_overrides
 
 METRICS = ("mpjpe", "p_mpjpe", "n_mpjpe", "mpjve")
 

@@ -206,8 +206,8 @@ def test_retrieval_under_two_ranks_equals_one_process(tmp_path):
 
     from safetensors.torch import save_file
 
+    from data_shards.configtools import to_dict
     from finetune.evaluation.retrieval import RetrievalConfig
-    from pretrain.configtools import to_dict
     from pretrain.export import CONFIG, WEIGHTS
 
     for name, n in (("train", 7), ("val", 3)):

@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from pretrain.configtools import ConfigError, apply_overrides, from_dict, parse_value, to_dict
+from data_shards.configtools import ConfigError, apply_overrides, from_dict, parse_value, to_dict
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ def test_parse_value():
 
 
 def test_every_recipe_builds_and_round_trips():
+    from data_shards.configtools import from_dict, to_dict
     from pretrain.config import RunConfig
-    from pretrain.configtools import from_dict, to_dict
     from pretrain.recipes import RECIPES
 
     for name, recipe in RECIPES.items():
@@ -80,3 +80,18 @@ def test_gpu_pose_recipe_switches_on_every_appearance_lever():
     augment = cfg.model.augment
     assert min(augment.brightness, augment.contrast, augment.saturation) > 0
     assert cfg.objective.negatives.kind == "gt_pose" and cfg.engine.precision == "bf16"
+
+
+def test_describe_lists_nested_fields_with_their_docs_and_help_exits(capsys):
+    from data_shards.configtools import describe, resolve
+    from pretrain.recipes import debug_cpu
+
+    lines = describe(debug_cpu())
+    depth = next(line for line in lines if line.startswith("model.encoder.depth = "))
+    assert depth.startswith("model.encoder.depth = 2  # ")
+    with pytest.raises(SystemExit) as stop:
+        resolve(debug_cpu(), ["help"], "pretrain")
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fields of pretrain") and "  data.train = " in out
+    assert resolve(debug_cpu(), ["train.max_steps=3"]).train.max_steps == 3

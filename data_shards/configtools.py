@@ -133,3 +133,53 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
             raise ConfigError(f"{key.strip()}: unknown field")
         node[parts[-1]] = parse_value(raw)
     return from_dict(type(cfg), data)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (and of its bases), by name: the
+    string literal that follows the field in the class body, first sentence only."""
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:] + [None], strict=True):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):  # fmt: skip
+                text = " ".join(after.value.value.split())
+                docs[node.target.id] = text.split(". ")[0].rstrip(".")
+    return docs
+
+
+def describe(cfg: Any, prefix: str = "") -> list[str]:
+    """One line per leaf field of a (nested) dataclass: ``dotted.name = value  # its doc``,
+    what ``--set help`` prints."""
+    lines = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            lines += describe(value, f"{name}.")
+            continue
+        doc = docs.get(f.name)
+        lines.append(f"{name} = {to_dict(value)!r}" + (f"  # {doc}" if doc else ""))
+    return lines
+
+
+def resolve(cfg: T, overrides: list[str], stage: str = "") -> T:
+    """``cfg`` with the ``--set key=value`` overrides applied; ``--set help`` prints every field
+    (:func:`describe`) and exits 0."""
+    if "help" in overrides:
+        head = f"fields of {stage} (--set KEY=VALUE):" if stage else "fields (--set KEY=VALUE):"
+        print("\n".join([head, *("  " + line for line in describe(cfg))]))
+        raise SystemExit(0)
+    return apply_overrides(cfg, overrides) if overrides else cfg
