@@ -246,3 +246,22 @@ def test_bad_reduce_mixed_kinds_and_empty_raise():
     with pytest.raises(ValueError, match="zero poses"):
         mpjpe(np.zeros((0, 17, 3)), np.zeros((0, 17, 3)))
     assert mpjpe(np.zeros((0, 17, 3)), np.zeros((0, 17, 3)), reduce="none").shape == (0,)
+
+
+def test_score_sequences_by_hand():
+    from finetune.evaluation.metrics import score_sequences
+
+    true = [np.zeros((3, 2, 3)), np.zeros((1, 2, 3))]
+    pred = [np.zeros((3, 2, 3)), np.zeros((1, 2, 3))]
+    pred[0][1, :, 0] = 3.0  # walk: frame 1 off by 3 mm in every joint
+    pred[1][0, :, 0] = 6.0  # run: its only frame off by 6 mm
+    out = score_sequences(pred, true, ["walk", "run"])
+    assert out["all"]["mpjpe"] == pytest.approx((3 + 6) / 4) and out["all"]["frames"] == 4
+    # velocity: walk's two steps are +3 and -3 mm; run (one frame) has no step
+    assert out["all"]["mpjve"] == pytest.approx(3.0)
+    assert out["per_action"]["walk"]["mpjpe"] == pytest.approx(1.0)
+    run = out["per_action"]["run"]
+    assert (run["mpjpe"], run["mpjve"], run["frames"]) == (6.0, None, 1)
+    assert set(run) == {"mpjpe", "p_mpjpe", "n_mpjpe", "mpjve", "frames"}
+    with pytest.raises(ValueError, match="does not match"):
+        score_sequences([np.zeros((2, 2, 3))], [np.zeros((3, 2, 3))], ["walk"])
