@@ -45,6 +45,18 @@ def test_lr_schedule_uses_max_steps_and_validates():
         warmup_cosine(-1, 1.0, 0, 1, 0.0)
 
 
+def test_lr_schedule_decay_kinds():
+    """Exponential: VideoPose3D's geometric decay to the floor; constant: the peak after the
+    warm-up; both with the same warm-up as the cosine."""
+    expo = LRSchedule(decay="exponential", min_lr_ratio=0.05)
+    assert expo.lr(0, 2.0, 100) == pytest.approx(2.0)
+    assert expo.lr(50, 2.0, 100) == pytest.approx(2.0 * 0.05**0.5)
+    assert expo.lr(100, 2.0, 100) == pytest.approx(0.1)
+    const = LRSchedule(decay="constant", warmup_steps=3)
+    assert [const.lr(s, 1.0, 10) for s in (0, 2, 3, 9)] == pytest.approx([0.25, 0.75, 1, 1])
+    assert LRSchedule(decay="exponential", warmup_steps=3).lr(1, 1.0, 10) == pytest.approx(0.5)
+
+
 def test_exponential_decay():
     assert exponential_decay(0, 2.0, 0.5, 0.3) == 2.0
     assert exponential_decay(2, 2.0, 0.5, 0.3) == 0.5
