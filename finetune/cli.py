@@ -42,12 +42,14 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default=None,
                    help="embedding cache folder (default OUT/cache; retrieval's OUT/cache "
                    "reuses its embeddings)")  # fmt: skip
+    p.add_argument("--recipe", default="default", help="default, demo or quick")
     _add_set(p, "pose")
     p.set_defaults(handler=cmd_pose)
 
     p = cmds.add_parser("future", help="Pose-GPT future 3D pose prediction with baselines")
     p.add_argument("--shards", required=True, help="shard root with train and eval splits")
     p.add_argument("--out", required=True, help="output directory (future.json, .md, .png)")
+    p.add_argument("--recipe", default="default", help="default or quick")
     _add_set(p, "future")
     p.set_defaults(handler=cmd_future)
 
@@ -119,21 +121,34 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 def cmd_pose(args: argparse.Namespace) -> int:
-    from finetune.heads.pose import PoseConfig, run_pose
+    import dataclasses
 
-    modes = None if args.modes is None else tuple(m.strip() for m in args.modes.split(","))
-    config = _config(PoseConfig, args.overrides, modes=modes,
-                     label_fractions=_floats(args.labels, "--labels"))  # fmt: skip
+    from data_shards.configtools import resolve
+    from finetune.heads.pose import RECIPES, run_pose
+
+    config = _recipe(RECIPES, args.recipe)
+    if args.modes is not None:
+        config = dataclasses.replace(config, modes=tuple(m.strip() for m in args.modes.split(",")))
+    if args.labels is not None:
+        config = dataclasses.replace(config, label_fractions=_floats(args.labels, "--labels"))
+    config = resolve(config, args.overrides, "finetune pose")
     run_pose(args.encoder, args.shards, args.out, config, progress=sys.stderr.isatty(),
              cache_dir=args.cache)  # fmt: skip
     print((Path(args.out) / "pose.md").read_text())
     return 0
 
 
-def cmd_future(args: argparse.Namespace) -> int:
-    from finetune.heads.future import FutureConfig, run_future
+def _recipe(recipes: dict, name: str):
+    if name not in recipes:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(recipes)}")
+    return recipes[name]()
 
-    config = _config(FutureConfig, args.overrides)
+
+def cmd_future(args: argparse.Namespace) -> int:
+    from data_shards.configtools import resolve
+    from finetune.heads.future import RECIPES, run_future
+
+    config = resolve(_recipe(RECIPES, args.recipe), args.overrides, "finetune future")
     run_future(args.shards, args.out, config, progress=sys.stderr.isatty())
     print((Path(args.out) / "future.md").read_text())
     return 0

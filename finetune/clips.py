@@ -41,10 +41,10 @@ STITCH_TOLERANCE_MM = 1.0
 
 def read_split(split_dir: str | os.PathLike, *, frames: bool = False, masks: bool = False,
                size: int | None = None, batch_size: int = 16, float64: bool = False,
-               error_budget: int = 0) -> Iterator[dict]:  # fmt: skip
+               error_budget: int = 0, name: str | None = None) -> Iterator[dict]:  # fmt: skip
     """Batches of a split's samples, each sample once, in manifest order, on one rank; frames
     decoded (and resized to ``size``) only when asked. A bad sample is a ``ValueError`` naming
-    the split (``error_budget`` tolerates that many)."""
+    the split (``name``, else its folder; ``error_budget`` tolerates that many)."""
     config = ReaderConfig(str(split_dir), batch_size=batch_size, shuffle=False, drop_last=False,
                           frames="decode" if frames else "off", masks=masks,
                           float_dtype="float64" if float64 else "float32",
@@ -60,7 +60,7 @@ def read_split(split_dir: str | os.PathLike, *, frames: bool = False, masks: boo
             if batch["keys"]:
                 yield batch
     except ReaderError as e:  # a wrong joint count lands here, named by the reader
-        raise ValueError(f"{split_dir}: {e}") from None
+        raise ValueError(f"{name or split_dir}: {e}") from None
 
 
 def _select(batch: dict, rows: list[int]) -> dict:
@@ -135,7 +135,8 @@ def read_sequences(split_dir: str | os.PathLike, split: str, min_frames: int = 1
         raise ValueError(f"split {split!r} ({split_dir}) is empty")
     rows: dict[tuple[str, str, str], dict[int, tuple]] = {}
     info: dict[tuple[str, str, str], tuple] = {}
-    for batch in read_split(split_dir, frames=frames, size=size, batch_size=8 if frames else 16):
+    for batch in read_split(split_dir, frames=frames, size=size, batch_size=8 if frames else 16,
+                            name=f"split {split!r}"):  # fmt: skip
         missing = [k for k in ("pose2d", "pose3d", "K", "Rt") if k not in batch]
         if missing:
             raise ValueError(f"split {split!r}: samples carry no {', '.join(missing)}; "
@@ -238,7 +239,7 @@ def read_motion(split_dir: str | os.PathLike, split: str) -> list[Clip]:
     if Manifest.load(split_dir).samples == 0:
         raise ValueError(f"split {split!r} ({split_dir}) is empty")
     windows: dict[tuple[str, str], dict[str, tuple]] = {}
-    for batch in read_split(split_dir, float64=True):
+    for batch in read_split(split_dir, float64=True, name=f"split {split!r}"):
         if "pose3d" not in batch:
             raise ValueError(f"split {split!r}: samples carry no pose3d")
         for key, meta, poses in zip(batch["keys"], batch["meta"], batch["pose3d"].numpy(),

@@ -53,8 +53,11 @@ class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
+    """Weight decay (decoupled with ``adamw``, L2 in the gradient with ``adam``)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's decay rates of the first and second moment estimates."""
     amsgrad: bool = False
+    """Use the AMSGrad variant (the maximum of past second moments)."""
     clip_norm: float = 0.0
     """Clip the gradient norm of the part's parameters to this (0: no clipping)."""
     schedule: LRSchedule = dataclasses.field(default_factory=LRSchedule)

@@ -37,8 +37,8 @@ def plan(out: Path, quick: bool, nproc: int) -> list[Stage]:
     pretrain = [f"--set=data.train={shards / 'train'}", f"--set=train.max_steps={steps}"]
     if quick:
         pretrain += ["--set=data.views=2", f"--set=train.checkpoint_every={steps}"]
-    pose = ["--set=probe_steps=100", "--set=full_steps=5"] if quick else []
-    future = ["--set=steps=30", "--set=warmup_steps=5", "--set=width=32"] if quick else []
+    pose = ["--recipe", "quick" if quick else "demo"]
+    future = ["--recipe", "quick"] if quick else []
     return [
         Stage("shards", ["shards", "synth", "--out", str(shards), "--overwrite", *synth],
               shards / "test" / "manifest.json"),
@@ -51,8 +51,8 @@ def plan(out: Path, quick: bool, nproc: int) -> list[Stage]:
                             str(shards), "--out", str(out / "retrieval")],
               out / "retrieval" / "retrieval.json"),
         Stage("pose", ["finetune", "pose", "--encoder", str(encoder), "--shards", str(shards),
-                       "--out", str(out / "pose"), "--labels", "0.1,1",
-                       "--cache", str(out / "retrieval" / "cache"), *pose],
+                       "--out", str(out / "pose"), "--cache", str(out / "retrieval" / "cache"),
+                       *pose],
               out / "pose" / "pose.json"),
         Stage("future", ["finetune", "future", "--shards", str(shards), "--out",
                          str(out / "future"), *future],

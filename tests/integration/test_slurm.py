@@ -196,9 +196,9 @@ def test_pipeline_pretrain_evaluate_finetune(slurm_cluster, shards, tmp_path):
                  "--eval-time", "10", "--recipe", "debug_cpu", "--shards", str(shards),
                  "--out", str(run), "--set", "train.progress=false",
                  "--set", "train.max_steps=6", "--set", "train.checkpoint_every=3",
-                 "--pose-set", "label_fractions=[1.0]", "--pose-set", "probe_steps=50",
-                 "--pose-set", "full_steps=3", "--future-set", "steps=20",
-                 "--future-set", "warmup_steps=2")  # fmt: skip
+                 "--pose-set", "label_fractions=[1.0]", "--pose-set", "probe.steps=50",
+                 "--pose-set", "full.steps=3", "--future-set", "steps=20",
+                 "--future-set", "optim.schedule.warmup_steps=2")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     jobs = dict(re.findall(r"^(\w+): job (\d+)", r.stdout, re.M))
     assert list(jobs) == ["pretrain", "evaluate", "finetune"], r.stdout
@@ -211,7 +211,7 @@ def test_pipeline_pretrain_evaluate_finetune(slurm_cluster, shards, tmp_path):
     rows = json.loads((run / "retrieval" / "retrieval.json").read_text())["rows"]
     assert "model" in rows and "oracle" in rows
     pose = json.loads((run / "pose" / "pose.json").read_text())
-    assert pose["protocol"]["config"]["full_steps"] == 3
+    assert pose["protocol"]["config"]["full"]["steps"] == 3
     assert {r["labels"] for r in pose["rows"]} == {1.0}
     future = json.loads((run / "future" / "future.json").read_text())
     assert future["config"]["steps"] == 20

@@ -3,6 +3,7 @@ seed guarantee, bad input, and a short end-to-end run on tiny shards."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +16,10 @@ import finetune.heads.future as fut
 from data_shards.manifest import Manifest
 from data_shards.skeleton import NUM_JOINTS
 from data_shards.write import write_split
+from finetune.clips import read_motion, stitch_windows
 from finetune.heads.future import Clip, FutureConfig
+from finetune.loop import OptimConfig
+from pretrain.engine.schedules import LRSchedule
 
 FPS = 50.0
 T = 16  # frames per shard window (stride T / 2, as synth writes them)
@@ -69,7 +73,8 @@ def shards(tmp_path_factory):
 
 
 def quick(**overrides) -> FutureConfig:
-    return FutureConfig.quick(**{"horizons_ms": (80, 160, 320), "eval_stride": 4, **overrides})
+    fields = {"horizons_ms": (80, 160, 320), "eval_stride": 4, **overrides}
+    return dataclasses.replace(fut.RECIPES["quick"](), **fields)
 
 
 def small_model(cfg: FutureConfig, max_frames: int = 26) -> fut.PoseGPT:
@@ -93,8 +98,9 @@ def test_sampling_share_is_a_ramp_of_the_step():
 
 
 def test_learning_rate_warms_up_then_decays():
-    cfg = FutureConfig(steps=100, lr=1e-3, warmup_steps=10)
-    lrs = [fut.learning_rate(s, cfg) for s in range(100)]
+    """The pretraining schedule (one implementation): warm-up, cosine to 10%."""
+    cfg = FutureConfig(steps=100, optim=OptimConfig(lr=1e-3, schedule=LRSchedule(warmup_steps=9)))
+    lrs = [cfg.optim.schedule.lr(s, cfg.optim.lr, cfg.steps) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
@@ -120,7 +126,7 @@ def test_config_refuses_bad_values(bad):
 def test_stitch_rebuilds_a_clip_from_overlapping_rescaled_windows():
     poses = moving_clip(40)
     windows = [(s.meta.frames, s.pose3d) for s in clip_samples("c", poses, scales=True)]
-    runs = fut.stitch_windows(windows[::-1])  # any order
+    runs = stitch_windows(windows[::-1])  # any order
     assert len(runs) == 1 and runs[0][0] == 0
     first_scale = windows[0][1][0, 1, 0] / poses[0, 1, 0]
     np.testing.assert_allclose(runs[0][1], poses * first_scale, rtol=1e-5, atol=1e-3)
@@ -130,13 +136,13 @@ def test_stitch_splits_at_a_gap():
     poses = moving_clip(48)
     windows = [(s.meta.frames, s.pose3d) for s in clip_samples("c", poses)]
     kept = [w for w in windows if w[0][0] not in (16, 24)]  # frames 24..31 never seen
-    runs = fut.stitch_windows(kept)
+    runs = stitch_windows(kept)
     assert [(first, len(p)) for first, p in runs] == [(0, 24), (32, 16)]
     np.testing.assert_allclose(runs[1][1], poses[32:], atol=1e-3)
 
 
 def test_read_clips_from_shards(shards):
-    clips = fut.read_clips(shards / "val", "val")
+    clips = read_motion(shards / "val", "val")
     assert sorted((c.name, len(c.poses)) for c in clips) == [("long", 40), ("short", 24)]
     long = next(c for c in clips if c.name == "long")
     np.testing.assert_allclose(long.poses, moving_clip(40, 2.0), atol=1e-3)
@@ -191,7 +197,9 @@ def test_forecast_never_sees_ground_truth_after_the_seed(monkeypatch):
         seen.append(seed.clone())
         return real(model, seed, horizon)
 
-    monkeypatch.setattr(fut, "forecast", spy)
+    import finetune.heads.future.run as future_run
+
+    monkeypatch.setattr(future_run, "forecast", spy)  # where forecast_windows looks it up
     clip = Clip("val", "c", 0, moving_clip(40))
     fut.evaluate(model, [clip], cfg, FPS)
     assert seen and all(s.shape[1] == cfg.seed_frames for s in seen)
@@ -230,7 +238,7 @@ def test_empty_and_missing_splits(shards, tmp_path):
         tmp_path / "val"
     )
     with pytest.raises(ValueError, match="empty"):
-        fut.read_clips(tmp_path / "val", "val")
+        read_motion(tmp_path / "val", "val")
     with pytest.raises(ValueError, match="no 'dev' split"):
         fut.run_future(shards, tmp_path, quick(eval_splits=("dev",)), progress=False)
 
@@ -242,7 +250,7 @@ def test_wrong_joint_count_is_one_clear_error(tmp_path, monkeypatch):
         m.setattr(schema, "validate", lambda s: None)
         write_split(tmp_path, "val", [sample], {}, {})
     with pytest.raises(ValueError, match=r"split 'val'.*pose3d.*\(16, 16, 3\)"):
-        fut.read_clips(tmp_path / "val", "val")
+        read_motion(tmp_path / "val", "val")
 
 
 # ----------------------------------------------------------------------------- end to end

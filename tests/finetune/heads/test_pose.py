@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,16 +14,21 @@ from data_shards.camera import camera_root_relative
 from data_shards.skeleton import NUM_JOINTS
 from data_shards.write import write_split
 from finetune.evaluation.embed import Embeddings
+from finetune.clips import labelled_subset
 from finetune.heads.pose import (
+    FullConfig,
     PoseConfig,
     PoseHead,
+    ProbeConfig,
     Windows,
     fit_probe,
-    labelled_keys,
+    load_head,
     run_pose,
     scan_split,
     score,
 )
+from finetune.loop import OptimConfig
+from pretrain.engine.schedules import LRSchedule
 
 V, T = 2, 4
 
@@ -55,12 +61,12 @@ def encoder_and_shards(tmp_path_factory):
 
 def test_label_subsets_are_nested_seeded_and_never_empty():
     keys = [f"k{i:03d}" for i in range(200)]
-    small, mid, full = (labelled_keys(keys, f, seed=3) for f in (0.01, 0.1, 1.0))
+    small, mid, full = (labelled_subset(keys, f, seed=3) for f in (0.01, 0.1, 1.0))
     assert len(small) == 2 and len(mid) == 20 and full == set(keys)
     assert small < mid < full
-    assert labelled_keys(list(reversed(keys)), 0.1, seed=3) == mid  # order of reading is moot
-    assert labelled_keys(keys, 0.1, seed=4) != mid
-    assert len(labelled_keys(keys[:3], 0.01, seed=0)) == 1
+    assert labelled_subset(list(reversed(keys)), 0.1, seed=3) == mid  # order of reading is moot
+    assert labelled_subset(keys, 0.1, seed=4) != mid
+    assert len(labelled_subset(keys[:3], 0.01, seed=0)) == 1
 
 
 def test_head_starts_as_the_mean_pose_and_standardises():
@@ -78,9 +84,9 @@ def test_probe_learns_a_linear_map():
     feats = torch.randn(2000, 16, generator=gen)
     W = torch.randn(16, NUM_JOINTS * 3, generator=gen) * 0.05
     targets = (feats @ W).view(-1, NUM_JOINTS, 3)
-    cfg = PoseConfig(probe_steps=300, probe_lr=1e-2, probe_weight_decay=0.0, warmup_steps=0)
-    head, losses = fit_probe(feats, targets, cfg)
-    assert losses[-1] < 0.1 * losses[0]
+    cfg = ProbeConfig(steps=300, optim=OptimConfig(lr=1e-2))
+    head, history = fit_probe(feats, targets, cfg, seed=0)
+    assert history[-1]["loss"] < 0.1 * history[0]["loss"]
     err = torch.linalg.vector_norm(head(feats) - targets, dim=-1).mean()
     assert err < 0.1 * torch.linalg.vector_norm(targets, dim=-1).mean()
 
@@ -136,8 +142,10 @@ def test_camera_root_relative_rotates_root_relative_poses():
 
 def test_run_pose_end_to_end(encoder_and_shards, tmp_path):
     encoder, shards = encoder_and_shards
-    cfg = PoseConfig(label_fractions=(0.25, 1.0), probe_steps=30, full_steps=3, full_windows=2,
-                     full_frames=3, batch_size=4)  # fmt: skip
+    full = FullConfig(steps=3, windows=2, frames=3, optim=dataclasses.replace(
+        FullConfig().optim, schedule=LRSchedule(warmup_steps=1)))  # fmt: skip
+    cfg = PoseConfig(label_fractions=(0.25, 1.0), probe=ProbeConfig(steps=30), full=full,
+                     batch_size=4)  # fmt: skip
     result = run_pose(encoder, shards, tmp_path / "out", cfg, progress=False)
     rows = result["rows"]
     combos = {(r["encoder"], r["mode"], r["labels"]) for r in rows}
@@ -153,6 +161,27 @@ def test_run_pose_end_to_end(encoder_and_shards, tmp_path):
     assert "| pretrained | probe | 25% | 2 |" in (tmp_path / "out" / "pose.md").read_text()
     assert (tmp_path / "out" / "pose.png").stat().st_size > 10_000
     assert scan_split(shards / "train").keys == [f"train{i}" for i in range(8)]
+    for r in rows[:-1]:  # every trained row logged its steps and was saved
+        assert (tmp_path / "out" / "heads" / r["weights"]).is_file()
+    logs = sorted(p.parent.name for p in (tmp_path / "out" / "logs").glob("*/metrics.jsonl"))
+    assert len(logs) == 8 and "pretrained-probe-25pct" in logs
+
+
+def test_saved_rows_load_back_and_predict_what_was_scored(encoder_and_shards, tmp_path):
+    """A probe row and a full row, reloaded from OUT/heads, give back their scored errors."""
+    from finetune.evaluation.embed import embed_split
+
+    encoder, shards = encoder_and_shards
+    full = FullConfig(steps=2, windows=2, frames=3)
+    cfg = PoseConfig(label_fractions=(1.0,), probe=ProbeConfig(steps=10), full=full, batch_size=4)
+    rows = run_pose(encoder, shards, tmp_path, cfg, progress=False)["rows"]
+    for row in (r for r in rows if r["encoder"] == "pretrained"):
+        predictor = load_head(tmp_path / "heads" / row["weights"])
+        emb = embed_split(predictor, shards / "val", 4, normalize=False, progress=False)
+        again = score(emb.vectors.reshape(-1, NUM_JOINTS, 3), emb, T)
+        assert again["all"]["mpjpe"] == pytest.approx(row["all"]["mpjpe"], rel=1e-5), row["mode"]
+    with pytest.raises(FileNotFoundError, match="not a saved pose head"):
+        load_head(tmp_path / "heads" / "nope")
 
 
 def test_bad_input_is_one_clear_error(encoder_and_shards, tmp_path):
@@ -165,3 +194,7 @@ def test_bad_input_is_one_clear_error(encoder_and_shards, tmp_path):
         PoseConfig(label_fractions=(0.0, 1.0))
     with pytest.raises(ValueError, match="modes"):
         PoseConfig(modes=("linear",))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        FullConfig(steps=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PoseConfig().seed = 3  # type: ignore[misc]

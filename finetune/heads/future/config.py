@@ -1,0 +1,103 @@
+"""Pose-GPT's config, recipes and the schedules that are pure functions of the step."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from finetune.loop import OptimConfig
+from pretrain.engine.schedules import LRSchedule
+
+HORIZONS_MS = (80, 160, 320, 400, 560, 1000)
+
+
+@dataclasses.dataclass(frozen=True)
+class FutureConfig:
+    """Pose-GPT training and the forecasting protocol; validated when built."""
+
+    seed_frames: int = 10
+    """Observed frames before the forecast (10 = 200 ms at 50 fps)."""
+    horizons_ms: tuple[int, ...] = HORIZONS_MS
+    """Reported horizons, ms after the last seed frame; the longest sets the forecast length."""
+    layers: int = 2
+    """GPT-2 blocks."""
+    heads: int = 4
+    """Attention heads per block."""
+    width: int = 64
+    """GPT-2 hidden size (a multiple of ``heads``); 64 keeps the default run near a minute
+    on two CPU cores."""
+    steps: int = 600
+    """Optimiser steps."""
+    batch_size: int = 32
+    """Training windows per step."""
+    optim: OptimConfig = OptimConfig(kind="adamw", lr=2e-3, weight_decay=0.01, clip_norm=1.0,
+                                     schedule=LRSchedule(warmup_steps=50))  # fmt: skip
+    """AdamW, linear warm-up, then cosine decay to 10%."""
+    sampling_max: float = 0.5
+    """Share of inputs after the seed replaced by the model's predictions at the end of the ramp."""
+    sampling_ramp: tuple[float, float] = (0.2, 0.8)
+    """Fractions of ``steps`` where the scheduled-sampling share starts and stops rising."""
+    velocity_weight: float = 0.1
+    """Weight of the root-velocity error (m/s) beside the pose error (m) in the loss."""
+    mirror: bool = True
+    """Left/right mirroring augmentation (with the joint swap)."""
+    seed: int = 0
+    """Seed of initialisation, batches, augmentation and sampling."""
+    train_split: str = "train"
+    """Split the model is trained on."""
+    eval_splits: tuple[str, ...] = ("val", "test")
+    """Held-out splits, reported one by one and pooled."""
+    eval_stride: int = 10
+    """Frames between the starts of consecutive evaluation windows of a clip."""
+
+    def __post_init__(self) -> None:
+        positive = ("seed_frames", "layers", "heads", "width", "steps", "batch_size",
+                    "eval_stride")  # fmt: skip
+        checks = {name: getattr(self, name) >= 1 for name in positive}
+        checks.update(
+            seed_frames=self.seed_frames >= 2,  # constant velocity needs two frames
+            horizons_ms=bool(self.horizons_ms) and min(self.horizons_ms) > 0,
+            width=self.width >= 1 and self.width % max(self.heads, 1) == 0,
+            sampling_max=0 <= self.sampling_max <= 1,
+            sampling_ramp=len(self.sampling_ramp) == 2
+            and 0 <= self.sampling_ramp[0] <= self.sampling_ramp[1] <= 1,
+            velocity_weight=self.velocity_weight >= 0,
+            seed=self.seed >= 0,
+            eval_splits=bool(self.eval_splits) and self.train_split not in self.eval_splits,
+        )
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"FutureConfig.{name}: invalid value {getattr(self, name)!r}")
+
+
+def default() -> FutureConfig:
+    """600 steps of a 2-layer, 64-wide GPT-2: about a minute on two CPU cores."""
+    return FutureConfig()
+
+
+def quick() -> FutureConfig:
+    """A few seconds: ``posebert demo --quick`` and smoke runs."""
+    optim = dataclasses.replace(FutureConfig.optim, schedule=LRSchedule(warmup_steps=5))
+    return FutureConfig(steps=30, width=32, batch_size=16, optim=optim)
+
+
+RECIPES: dict[str, Callable[[], FutureConfig]] = {f.__name__: f for f in (default, quick)}
+
+
+def sampling_share(step: int, cfg: FutureConfig) -> float:
+    """Share of post-seed inputs taken from the model's own predictions at ``step``: 0, then a
+    linear ramp over ``sampling_ramp`` (fractions of the run) up to ``sampling_max``."""
+    start, end = (f * cfg.steps for f in cfg.sampling_ramp)
+    if step <= start:
+        return 0.0
+    if step >= end:
+        return cfg.sampling_max
+    return cfg.sampling_max * (step - start) / (end - start)
+
+
+def horizon_frames(horizons_ms: tuple[int, ...], fps: float) -> tuple[int, ...]:
+    """Horizons in frames after the last seed frame, rounded to the nearest frame."""
+    frames = tuple(round(h * fps / 1000) for h in horizons_ms)
+    if min(frames) < 1:
+        raise ValueError(f"horizon {min(horizons_ms)} ms is under one frame at {fps:g} fps")
+    return frames
