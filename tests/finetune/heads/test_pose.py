@@ -13,8 +13,8 @@ from conftest import make_sample
 from data_shards.camera import camera_root_relative
 from data_shards.skeleton import NUM_JOINTS
 from data_shards.write import write_split
-from finetune.evaluation.embed import Embeddings
 from finetune.clips import labelled_subset
+from finetune.evaluation.embed import Embeddings
 from finetune.heads.pose import (
     FullConfig,
     PoseConfig,
