@@ -51,15 +51,28 @@ def _add_window_flags(p: argparse.ArgumentParser, fps: float | None) -> None:
     p.add_argument("--fps", type=_positive_float, default=fps, help="resample to this frame rate")
 
 
-def _writer_config(args: argparse.Namespace):
+def _configs(args: argparse.Namespace, source):
+    """(source config, writer config): the flags, then ``--set source.FIELD=...`` /
+    ``--set writer.FIELD=...`` on top (``--set help`` lists every field)."""
+    import dataclasses
+
+    from data_shards.configtools import resolve
     from data_shards.write import WriterConfig  # webdataset imports torch: keep --help fast
 
-    return WriterConfig(
-        max_samples=args.shard_samples,
-        max_bytes=args.shard_mb * 1024**2,
-        jpeg_quality=args.jpeg_quality,
-        overwrite=args.overwrite,
-    )
+    writer = WriterConfig(max_samples=args.shard_samples, max_bytes=args.shard_mb * 1024**2,
+                          jpeg_quality=args.jpeg_quality, overwrite=args.overwrite)  # fmt: skip
+    parts = {"source": source, "writer": writer}
+    job = dataclasses.make_dataclass(
+        "ShardJob", [(k, type(v), dataclasses.field(default=v)) for k, v in parts.items()],
+        frozen=True)  # fmt: skip
+    done = resolve(job(), args.overrides, f"shards {args.command}")
+    return done.source, done.writer
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field: source.FIELD (the renderer or reader config) or "
+                   "writer.FIELD; --set help lists them")  # fmt: skip
 
 
 def register(stages: argparse._SubParsersAction) -> None:
@@ -79,6 +92,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--test-clips", type=_names, default=None, help="held-out test clips")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1)
+    _add_set(p)
     p.set_defaults(handler=cmd_synth)
 
     p = cmds.add_parser("video", help="ingest ordinary video files (V=1, no 3D labels)")
@@ -89,6 +103,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--action", default="unlabeled", help="action label of these videos")
     p.add_argument("--split", default="train", help="split name to write")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of FILES held out")
+    _add_set(p)
     p.set_defaults(handler=cmd_video)
 
     p = cmds.add_parser("h36m", help="ingest Human3.6M (VideoPose3D-style .npz + frames)")
@@ -98,6 +113,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--cameras", default=None, help="camera calibration JSON")
     _add_writer_flags(p)
     _add_window_flags(p, fps=None)
+    _add_set(p)
     p.set_defaults(handler=cmd_h36m)
 
     p = cmds.add_parser("verify", help="check every shard against its manifest")
@@ -127,25 +143,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown clips {unknown}; choose from {', '.join(mocap.CLIP_NAMES)}")
         table = {s: tuple(c for c in clips if c in args.clips) for s, clips in table.items()}
         table = {s: clips for s, clips in table.items() if clips}
-    config = synth.SynthConfig(
-        views=args.views,
-        frames=args.frames,
-        stride=args.stride,
-        size=args.size,
-        fps=args.fps,
-        seed=args.seed,
-        appearances_per_window=args.appearances,
-        appearances_per_sample=args.appearances_per_sample,
-        jpeg_quality=args.jpeg_quality,
-    )
-    manifests = synth.build_splits(
-        args.out,
-        config,
-        _writer_config(args),
-        splits=table,
-        workers=args.workers,
-        progress=sys.stderr.isatty(),
-    )
+    config, writer = _configs(args, synth.SynthConfig(
+        views=args.views, frames=args.frames, stride=args.stride, size=args.size, fps=args.fps,
+        seed=args.seed, appearances_per_window=args.appearances,
+        appearances_per_sample=args.appearances_per_sample, jpeg_quality=args.jpeg_quality))
+    manifests = synth.build_splits(args.out, config, writer, splits=table, workers=args.workers,
+                                   progress=sys.stderr.isatty())  # fmt: skip
     _report(manifests)
     return 0
 
@@ -158,23 +161,12 @@ def _report(manifests: dict) -> None:
 def cmd_video(args: argparse.Namespace) -> int:
     from data_shards.video import VideoConfig, ingest_videos
 
-    config = VideoConfig(
-        size=(args.size, args.size),
-        frames=args.frames,
-        stride=args.stride,
-        fps=args.fps,
-        keypoints=args.keypoints,
-        action=args.action,
-    )
-    manifests = ingest_videos(
-        args.files,
-        args.out,
-        config,
-        _writer_config(args),
-        split=args.split,
-        val_fraction=args.val_fraction,
-        progress=sys.stderr.isatty(),
-    )
+    config, writer = _configs(args, VideoConfig(
+        size=(args.size, args.size), frames=args.frames, stride=args.stride, fps=args.fps,
+        keypoints=args.keypoints, action=args.action))
+    manifests = ingest_videos(args.files, args.out, config, writer, split=args.split,
+                              val_fraction=args.val_fraction,
+                              progress=sys.stderr.isatty())  # fmt: skip
     _report(manifests)
     return 0
 
@@ -182,19 +174,10 @@ def cmd_video(args: argparse.Namespace) -> int:
 def cmd_h36m(args: argparse.Namespace) -> int:
     from data_shards.h36m import H36MConfig, ingest_h36m
 
-    config = H36MConfig(
-        size=(args.size, args.size), frames=args.frames, stride=args.stride, fps=args.fps
-    )
-    manifests = ingest_h36m(
-        args.npz3d,
-        args.npz2d,
-        args.frames_dir,
-        args.cameras,
-        args.out,
-        config,
-        _writer_config(args),
-        progress=sys.stderr.isatty(),
-    )
+    config, writer = _configs(args, H36MConfig(
+        size=(args.size, args.size), frames=args.frames, stride=args.stride, fps=args.fps))
+    manifests = ingest_h36m(args.npz3d, args.npz2d, args.frames_dir, args.cameras, args.out,
+                            config, writer, progress=sys.stderr.isatty())  # fmt: skip
     _report(manifests)
     return 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,13 +20,16 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default=None,
                    help="embedding cache folder (default OUT/cache); runs with other --queries "
                    "can share it")  # fmt: skip
-    p.add_argument("--k", type=int, default=5, help="neighbours retrieved per query")
-    p.add_argument("--index", choices=("flat", "ivfpq"), default="flat", help="FAISS index")
-    p.add_argument("--exclude-same-clip", action="store_true", help="never match the same clip")
-    p.add_argument("--cross-view", action="store_true", help="gallery from other cameras only")
+    p.add_argument("--k", type=int, default=None, help="neighbours retrieved per query (5)")
+    p.add_argument("--index", choices=("flat", "ivfpq"), default=None, help="FAISS index (flat)")
+    p.add_argument("--exclude-same-clip", action="store_const", const=True,
+                   help="never match the same clip")  # fmt: skip
+    p.add_argument("--cross-view", action="store_const", const=True,
+                   help="gallery from other cameras only")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="embed with N local processes (not under torchrun or srun)")  # fmt: skip
+    _add_set(p, "retrieval")
     p.set_defaults(handler=cmd_retrieval)
 
     finetune = stages.add_parser("finetune", help="train and score a head on the shards")
@@ -74,22 +76,23 @@ def _add_set(p: argparse.ArgumentParser, head: str) -> None:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    from finetune.evaluation.evaluate import launch_retrieval, run_retrieval
-    from finetune.evaluation.retrieval import RetrievalConfig
+    import dataclasses
 
-    if args.nproc_per_node < 1:
-        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-    config = RetrievalConfig(k=args.k, ks=tuple(sorted({1, args.k})), kind=args.index,
-                             exclude_same_clip=args.exclude_same_clip,
-                             cross_view=args.cross_view)  # fmt: skip
-    if args.nproc_per_node > 1 and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
-        argv = ["--encoder", args.encoder, "--shards", args.shards, "--out", args.out,
-                "--queries", args.queries, "--k", str(args.k), "--index", args.index,
-                "--batch-size", str(args.batch_size)]  # fmt: skip
-        argv += ["--cache", args.cache] if args.cache else []
-        argv += ["--exclude-same-clip"] * args.exclude_same_clip
-        argv += ["--cross-view"] * args.cross_view
-        return launch_retrieval(argv, args.nproc_per_node)
+    from data_shards.configtools import resolve
+    from finetune.evaluation.evaluate import run_retrieval
+    from finetune.evaluation.retrieval import RetrievalConfig
+    from pretrain.engine.launch import relaunch
+
+    flags = {"kind": args.index, "exclude_same_clip": args.exclude_same_clip,
+             "cross_view": args.cross_view}
+    if args.k is not None:
+        flags.update(k=args.k, ks=tuple(sorted({1, args.k})))
+    config = dataclasses.replace(RetrievalConfig(), **{k: v for k, v in flags.items()
+                                                       if v is not None})  # fmt: skip
+    config = resolve(config, args.overrides, "evaluate retrieval")
+    code = relaunch(args.nproc_per_node, args.argv)
+    if code is not None:
+        return code
     result = run_retrieval(args.encoder, args.shards, args.out, config, args.queries,
                            args.batch_size, progress=sys.stderr.isatty(),
                            cache_dir=args.cache)  # fmt: skip
@@ -155,6 +158,7 @@ def cmd_future(args: argparse.Namespace) -> int:
 
 
 def cmd_lift(args: argparse.Namespace) -> int:
+    from data_shards.configtools import resolve
     from finetune.heads.lift.base import get_method
     from finetune.heads.lift.run import run_lift
 
@@ -162,7 +166,7 @@ def cmd_lift(args: argparse.Namespace) -> int:
     if args.rows == "help" or "help" in args.overrides:
         for row, changes in method.rows.items():
             print(f"row {row!r}: {changes or 'the recipe'}")
-        _config(method.config, ["help"])
+        resolve(method.config(), ["help"], f"lift --method {args.method}")
     run_lift(args.method, args.shards, args.out, args.rows, args.overrides,
              progress=sys.stderr.isatty())  # fmt: skip
     print((Path(args.out) / "lift.md").read_text())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 
 def register(stages: argparse._SubParsersAction) -> None:
@@ -26,14 +24,11 @@ def register(stages: argparse._SubParsersAction) -> None:
 
 
 def resolve_config(recipe: str, overrides: list[str]):
-    from data_shards.configtools import apply_overrides
+    """The recipe with the ``--set`` overrides (``--set help`` lists every field and exits)."""
+    from data_shards.configtools import resolve
     from pretrain.recipes import get_recipe
 
-    return apply_overrides(get_recipe(recipe), overrides)
-
-
-def _launched() -> bool:
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    return resolve(get_recipe(recipe), overrides, f"pretrain --recipe {recipe}")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -41,14 +36,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    if args.nproc_per_node < 1:
-        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-    if args.nproc_per_node > 1 and not _launched():
-        from pretrain.engine.launch import launch_local
+    from pretrain.engine.launch import relaunch
 
-        argv = [sys.executable, "-m", "posebert", "pretrain", "--recipe", args.recipe,
-                "--out", args.out] + [f"--set={o}" for o in args.overrides]  # fmt: skip
-        return launch_local(args.nproc_per_node, argv)
+    code = relaunch(args.nproc_per_node, args.argv)
+    if code is not None:
+        return code
     from pretrain.run import run_pretrain
 
     return run_pretrain(cfg, args.out)

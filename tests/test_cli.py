@@ -128,3 +128,19 @@ def test_synth_appearances_per_sample_become_extra_views(tmp_path):
     cams = [v.camera for v in meta.views]
     looks = [v.appearance for v in meta.views]
     assert cams[:2] == cams[2:] and looks[0] != looks[2]  # each camera twice, in two appearances
+
+
+def test_shard_writing_takes_set_overrides_and_names_a_bad_field(tmp_path):
+    r = posebert("shards", "synth", "--out", str(tmp_path), "--clips", "walk,run", "--views", "1",
+                 "--frames", "4", "--size", "32", "--set", "writer.max_samples=3",
+                 "--set", "source.crop_margin=0.3")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    from data_shards.manifest import Manifest
+
+    manifest = Manifest.load(tmp_path / "train")
+    assert max(s.samples for s in manifest.shards) == 3 and len(manifest.shards) > 1
+    bad = posebert("shards", "synth", "--out", str(tmp_path / "b"), "--set", "source.margin=1")
+    assert bad.returncode == 2 and "source.margin: unknown field" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    listed = posebert("shards", "video", "x.mp4", "--out", str(tmp_path / "v"), "--set", "help")
+    assert listed.returncode == 0 and "source.crop_box = None" in listed.stdout

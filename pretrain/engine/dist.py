@@ -66,6 +66,12 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def launched(self) -> bool:
+        """True inside a rank started by a launcher (torchrun, deepspeed, ``--nproc-per-node``,
+        an srun task): such a process must not start ranks of its own."""
+        return self.launcher != "single"
+
     @classmethod
     def from_environ(cls, env: Mapping[str, str] | None = None) -> DistEnv:
         """Read the launcher's variables: RANK/WORLD_SIZE first (torchrun, deepspeed, our local

@@ -178,3 +178,23 @@ def launch_local(
                 p.wait()
         for t in pumps:
             t.join(timeout=5)
+
+
+def relaunch(nproc: int, argv: Sequence[str] | None = None) -> int | None:
+    """``--nproc-per-node N`` of any ``posebert`` command: from a process no launcher started,
+    run the same command line (``argv``, default ``sys.argv[1:]``) minus that flag as N local
+    ranks (:func:`launch_local`) and return their exit code; None when this process should do
+    the work itself (N is 1, or it already is a rank: torchrun, deepspeed, srun)."""
+    from pretrain.engine.dist import DistEnv
+
+    if nproc < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if nproc == 1 or DistEnv.from_environ().launched:
+        return None
+    args, skip = [], False
+    for a in sys.argv[1:] if argv is None else argv:
+        if skip or a == "--nproc-per-node" or a.startswith("--nproc-per-node="):
+            skip = a == "--nproc-per-node"
+            continue
+        args.append(a)
+    return launch_local(nproc, [sys.executable, "-m", "posebert", *args])

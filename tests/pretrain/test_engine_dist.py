@@ -260,6 +260,26 @@ def test_launch_local_forwards_preemption_signals(tmp_path):
     assert "launch_local" not in err  # every rank exited 75 together: nothing to report
 
 
+def test_relaunch_reruns_the_command_line_without_the_flag_only_outside_a_launcher(monkeypatch):
+    """One relaunch helper for every ``--nproc-per-node``: the same command as N ranks, never
+    from inside a rank (torchrun, srun), and not for N = 1."""
+    from pretrain.engine import launch
+
+    seen = {}
+    monkeypatch.setattr(launch, "launch_local", lambda n, argv: seen.update(n=n, argv=argv) or 0)
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["evaluate", "retrieval", "--nproc-per-node", "2", "--k", "3", "--nproc-per-node=2"]
+    assert launch.relaunch(2, argv) == 0 and seen["n"] == 2
+    assert seen["argv"][1:] == ["-m", "posebert", "evaluate", "retrieval", "--k", "3"]
+    assert launch.relaunch(1, argv) is None
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch.relaunch(2, argv) is None  # already a rank: do the work
+    with pytest.raises(ValueError, match="nproc-per-node"):
+        launch.relaunch(0, argv)
+
+
 def test_preemption_flag_only_records():
     before = signal.getsignal(signal.SIGUSR1)
     with PreemptionFlag() as flag:
