@@ -20,29 +20,22 @@ chance -> oracle gap each variant closes, beside raw pixels).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
-from data_shards.manifest import atomic_write_text
-from finetune.report import gap_closed, md_table, pyplot, save_figure
-from pipelines.demo import FULL_STEPS, QUICK_CLIPS, QUICK_STEPS
+from finetune.report import gap_closed, md_table, pyplot, write_stage
+from pipelines import chain
+from pipelines.demo import pretrain_recipe, synth_stage
 from pipelines.stages import Stage, open_record, run_stages
+from pretrain.recipes import LEVERS as RECIPE_LEVERS
 
 HELDOUT = ("val", "test")
 """The query splits: two disjoint held-out clip sets."""
 
-BASELINE = {"model.backbone.background_mask": "false", "model.mask.span": "1"}
-"""demo_cpu with every lever off (the recipe itself has the background mask and span 3)."""
-
-LEVERS: dict[str, dict[str, str]] = {
-    "background-mask": {"model.backbone.background_mask": "true"},
-    "augment": {"model.augment.brightness": "0.4", "model.augment.contrast": "0.4",
-                "model.augment.saturation": "0.4", "model.augment.color_cast": "0.3",
-                "model.augment.channel_shuffle": "0.5"},
-    "appearance-swap": {},  # the shards, not the config (see pretrain_stage)
-    "span-mask": {"model.mask.span": "3"},
-}  # fmt: skip
+LEVERS = tuple(RECIPE_LEVERS)
+"""The levers against appearance shortcuts (:data:`pretrain.recipes.LEVERS`)."""
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "baseline": (),
@@ -68,54 +61,35 @@ def parse_variants(text: str | None) -> list[str]:
 def plan(out: Path, variants: list[str], quick: bool, nproc: int) -> list[Stage]:
     """Shards (plain and appearance-swapped), then per variant: pretrain, export and one
     retrieval per held-out set (sharing one embedding cache)."""
-    synth = ["--clips", QUICK_CLIPS, "--views", "2", "--frames", "8", "--size", "64"]
-    synth = synth if quick else []
-    stages = [Stage("shards", ["shards", "synth", "--out", str(out / "shards"), "--overwrite",
-                               *synth], out / "shards" / "test" / "manifest.json")]  # fmt: skip
+    stages = [synth_stage(out / "shards", quick)]
     if any("appearance-swap" in VARIANTS[v] for v in variants):
-        stages.append(Stage("shards-appearance-swap",
-                            ["shards", "synth", "--out", str(out / "shards-app"), "--overwrite",
-                             "--appearances-per-sample", "2", *synth],
-                            out / "shards-app" / "train" / "manifest.json"))  # fmt: skip
+        stages.append(synth_stage(out / "shards-app", quick, "--appearances-per-sample", "2",
+                                  name="shards-appearance-swap"))  # fmt: skip
     for variant in variants:
         slug = variant.lstrip("+")
-        run, encoder = out / slug / "pretrain", out / slug / "encoder"
-        stages += [
-            pretrain_stage(out, variant, quick, nproc),
-            Stage(f"{slug}: export", ["export", "--run", str(run), "--out", str(encoder)],
-                  encoder / "model.safetensors"),
-        ]  # fmt: skip
+        c = variant_chain(out, variant, quick, nproc)
+        stages += [_named(chain.pretrain(c), f"{slug}: pretrain"),
+                   _named(chain.export(c), f"{slug}: export")]  # fmt: skip
         for split in HELDOUT:
-            stages.append(Stage(
-                f"{slug}: retrieval on {split}",
-                ["evaluate", "retrieval", "--encoder", str(encoder), "--shards",
-                 str(out / "shards"), "--queries", split, "--out",
-                 str(out / slug / f"retrieval-{split}"), "--cache", str(out / "cache")],
-                out / slug / f"retrieval-{split}" / "retrieval.json"))  # fmt: skip
+            stage = chain.retrieval(c, split, out / slug / f"retrieval-{split}", out / "cache")
+            stages.append(_named(stage, f"{slug}: retrieval on {split}"))
     return stages
 
 
-def overrides(variant: str) -> dict[str, str]:
-    """The ``--set`` fields of a variant on top of demo_cpu."""
-    sets = dict(BASELINE)
-    for lever in VARIANTS[variant]:
-        sets.update(LEVERS[lever])
-    return sets
+def _named(stage: Stage, name: str) -> Stage:
+    return dataclasses.replace(stage, name=name)
 
 
-def pretrain_stage(out: Path, variant: str, quick: bool, nproc: int) -> Stage:
+def variant_chain(out: Path, variant: str, quick: bool, nproc: int) -> chain.Chain:
+    """The demo's pretraining recipe with the variant's levers; appearance-swap reads the
+    appearance-swapped shards and draws 4 of their 8 views (as many frames per step)."""
+    recipe, steps = pretrain_recipe(quick)
     swap = "appearance-swap" in VARIANTS[variant]
-    shards = out / ("shards-app" if swap else "shards") / "train"
-    steps = QUICK_STEPS if quick else FULL_STEPS
-    sets = {"data.train": str(shards), "train.max_steps": str(steps)} | overrides(variant)
-    if quick:
-        sets |= {"data.views": "2", "train.checkpoint_every": str(steps)}
-    elif swap:  # 4 of the 8 views (4 cameras x 2 appearances): as many frames per step
-        sets["data.views"] = "4"
-    run = out / variant.lstrip("+") / "pretrain"
-    args = ["pretrain", "--recipe", "demo_cpu", "--out", str(run), "--nproc-per-node", str(nproc)]
-    args += [f"--set={key}={value}" for key, value in sets.items()]
-    return Stage(f"{variant.lstrip('+')}: pretrain", args, run / "checkpoints" / f"step_{steps}")
+    sets = ("data.views=4",) if swap and not quick else ()
+    return chain.Chain(out / "shards", out / variant.lstrip("+"), recipe=recipe,
+                       levers=",".join(VARIANTS[variant]) or "none", pretrain_sets=sets,
+                       max_steps=steps, nproc=nproc,
+                       train_split=out / ("shards-app" if swap else "shards") / "train")
 
 
 def run_ablation(out_dir: str | os.PathLike, variants: str | None = None, quick: bool = False,
@@ -130,12 +104,10 @@ def run_ablation(out_dir: str | os.PathLike, variants: str | None = None, quick:
     code = run_stages(stages, "ablation", record, record_path)
     if code:
         return code
-    commands = {s.name: "posebert " + " ".join(s.args) for s in stages}
+    commands = {s.name: s.command for s in stages}
     results = summarize(out, chosen, commands, settings)
-    atomic_write_text(out / "ablation.json", json.dumps(results, indent=1) + "\n")
     text = markdown(results)
-    atomic_write_text(out / "ablation.md", text)
-    plot(results, out / "ablation.png")
+    write_stage(out, "ablation", results, text, {"ablation": plot(results)})
     print(text)
     return 0
 
@@ -171,6 +143,12 @@ def summarize(out: Path, variants: list[str], commands: dict, settings: dict) ->
             "variants": {v: _row(runs[v]["rows"]["model"], chance, oracle) for v in variants},
         }  # fmt: skip
     return {
+        "protocol": {
+            "recipe": pretrain_recipe(settings["quick"])[0], "metric": "retrieval top-1 MPJPE "
+            "(mm, root-relative, query camera coordinates) of the model row, beside the "
+            "references; gap closed = (chance - model) / (chance - oracle)",
+            "gallery": "train", "queries": list(HELDOUT),
+        },
         "settings": settings,
         "levers": {v: list(VARIANTS[v]) for v in variants},
         "heldout": heldout,
@@ -201,7 +179,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> Path:
+def plot(results: dict):
     """Gap closed per variant and held-out set, with the raw-pixel and random-init levels."""
     plt = pyplot()
     heldout = results["heldout"]
@@ -222,4 +200,4 @@ def plot(results: dict, path: Path) -> Path:
                   "dashed: raw pixels 16x16, dotted: random-init (same colour: same held-out set)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig

@@ -20,44 +20,34 @@ import json
 import os
 from pathlib import Path
 
-from data_shards.manifest import atomic_write_text
-from finetune.report import gap_closed
+from finetune.report import gap_closed, write_stage
+from pipelines import chain
 from pipelines.stages import Stage, open_record, run_stages
 
 QUICK_CLIPS = "walk,jump,run,dance_b"  # train walk, jump; val run; test dance_b
-FULL_STEPS = 300  # demo_cpu's max_steps
-QUICK_STEPS = 10
+QUICK_SYNTH = ("--clips", QUICK_CLIPS, "--views", "2", "--frames", "8", "--size", "64")
+"""``shards synth`` flags of the quick runs: four clips, two views, 64 px."""
+
+
+def synth_stage(shards: Path, quick: bool, *extra: str, name: str = "shards") -> Stage:
+    args = ["shards", "synth", "--out", str(shards), "--overwrite", *extra]
+    return Stage(name, args + list(QUICK_SYNTH if quick else ()), shards / "test" / "manifest.json")
+
+
+def pretrain_recipe(quick: bool) -> tuple[str, int]:
+    """The demo's pretraining recipe and its last step."""
+    from pretrain.recipes import get_recipe
+
+    name = "demo_cpu_quick" if quick else "demo_cpu"
+    return name, get_recipe(name).train.max_steps
 
 
 def plan(out: Path, quick: bool, nproc: int) -> list[Stage]:
-    shards, run, encoder = out / "shards", out / "pretrain", out / "encoder"
-    synth = ["--clips", QUICK_CLIPS, "--views", "2", "--frames", "8", "--size", "64"]
-    synth = synth if quick else []
-    steps = QUICK_STEPS if quick else FULL_STEPS
-    pretrain = [f"--set=data.train={shards / 'train'}", f"--set=train.max_steps={steps}"]
-    if quick:
-        pretrain += ["--set=data.views=2", f"--set=train.checkpoint_every={steps}"]
-    pose = ["--recipe", "quick" if quick else "demo"]
-    future = ["--recipe", "quick"] if quick else []
-    return [
-        Stage("shards", ["shards", "synth", "--out", str(shards), "--overwrite", *synth],
-              shards / "test" / "manifest.json"),
-        Stage("pretrain", ["pretrain", "--recipe", "demo_cpu", "--out", str(run),
-                           "--nproc-per-node", str(nproc), *pretrain],
-              run / "checkpoints" / f"step_{steps}"),
-        Stage("export", ["export", "--run", str(run), "--out", str(encoder)],
-              encoder / "model.safetensors"),
-        Stage("retrieval", ["evaluate", "retrieval", "--encoder", str(encoder), "--shards",
-                            str(shards), "--out", str(out / "retrieval")],
-              out / "retrieval" / "retrieval.json"),
-        Stage("pose", ["finetune", "pose", "--encoder", str(encoder), "--shards", str(shards),
-                       "--out", str(out / "pose"), "--cache", str(out / "retrieval" / "cache"),
-                       *pose],
-              out / "pose" / "pose.json"),
-        Stage("future", ["finetune", "future", "--shards", str(shards), "--out",
-                         str(out / "future"), *future],
-              out / "future" / "future.json"),
-    ]  # fmt: skip
+    recipe, steps = pretrain_recipe(quick)
+    c = chain.Chain(out / "shards", out, recipe=recipe, max_steps=steps, nproc=nproc,
+                    pose_recipe="quick" if quick else "demo",
+                    future_recipe="quick" if quick else "default")  # fmt: skip
+    return [synth_stage(c.shards, quick), *chain.full(c)]
 
 
 def run_demo(out_dir: str | os.PathLike, quick: bool = False, nproc: int = 2) -> int:
@@ -69,9 +59,8 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, nproc: int = 2) ->
     if code:
         return code
     results = summarize(out, record)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     text = results_markdown(results)
-    atomic_write_text(out / "results.md", text)
+    write_stage(out, "results", results, text)
     print(text)
     return 0
 
@@ -96,7 +85,7 @@ def summarize(out: Path, record: dict) -> dict:
                  | {m: r["all"][m] for m in ("mpjpe", "p_mpjpe", "n_mpjpe", "mpjve")}
                  for r in pose["rows"]],
         "future": {"horizons_ms": future["protocol"]["horizons_ms"], "rows": future["rows"]},
-        "protocols": {"retrieval": retrieval["protocol"], "pose": pose["protocol"],
+        "protocol": {"retrieval": retrieval["protocol"], "pose": pose["protocol"],
                       "future": future["protocol"]},
     }  # fmt: skip
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from data_shards.manifest import atomic_write_text
 
@@ -21,6 +23,12 @@ class Stage:
     """Arguments of the ``posebert`` command."""
     done: Path
     """Exists once the stage has finished."""
+    ranks: Literal["one", "all"] = "one"
+    """In a Slurm job: one process, or one task per GPU (``srun``: pretraining, embedding)."""
+
+    @property
+    def command(self) -> str:
+        return shlex.join(["posebert", *self.args])
 
 
 def open_record(record_path: Path, what: str, settings: dict) -> dict:
@@ -43,7 +51,7 @@ def run_stages(stages: list[Stage], tag: str, record: dict, record_path: Path) -
     command first; record its command and time in ``record["stages"]`` (saved to
     ``record_path`` after each). Returns 0, or the failed stage's exit code (at least 1)."""
     for i, stage in enumerate(stages, 1):
-        command = "posebert " + " ".join(stage.args)
+        command = stage.command
         if stage.done.exists():
             print(f"[{tag} {i}/{len(stages)}] {stage.name}: done already ({stage.done})",
                   flush=True)  # fmt: skip

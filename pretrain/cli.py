@@ -13,6 +13,9 @@ def register(stages: argparse._SubParsersAction) -> None:
                    help="override a config field, e.g. model.encoder.depth=4")  # fmt: skip
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="start N local processes (not when run by torchrun or srun)")  # fmt: skip
+    p.add_argument("--levers", default=None, metavar="L,L,...|none",
+                   help="levers against appearance shortcuts: every one off, then these on "
+                   "(background-mask, augment, appearance-swap, span-mask; none: all off)")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     p.set_defaults(handler=cmd_pretrain)
 
@@ -23,16 +26,22 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_export)
 
 
-def resolve_config(recipe: str, overrides: list[str]):
-    """The recipe with the ``--set`` overrides (``--set help`` lists every field and exits)."""
+def resolve_config(recipe: str, overrides: list[str], levers: str | None = None):
+    """The recipe, its ``--levers`` and the ``--set`` overrides (``--set help`` lists every
+    field and exits)."""
     from data_shards.configtools import resolve
-    from pretrain.recipes import get_recipe
+    from pretrain.recipes import get_recipe, with_levers
 
-    return resolve(get_recipe(recipe), overrides, f"pretrain --recipe {recipe}")
+    cfg = get_recipe(recipe)
+    if levers is not None:
+        names = [] if levers.strip() == "none" else [n.strip() for n in levers.split(",")]
+        cfg = with_levers(cfg, [n for n in names if n])
+    return resolve(cfg, overrides, f"pretrain --recipe {recipe}")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args.recipe, args.overrides)  # config errors before any process starts
+    # config errors before any process starts
+    cfg = resolve_config(args.recipe, args.overrides, args.levers)
     if args.print_config:
         print(cfg.to_json())
         return 0

@@ -8,7 +8,7 @@ the method at full size (ResNet-50, 224 px, bf16, ZeRO-2) for 8-GPU nodes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pretrain.config import DataConfig, RunConfig
 from pretrain.engine.deepspeed_config import EngineConfig, OptimizerConfig
@@ -92,6 +92,55 @@ def cluster_resnet50_224() -> RunConfig:
     )
 
 
+# ------------------------------------------------------------- levers against appearance
+
+
+STRONG_AUGMENT = ColorAugmentConfig(brightness=0.4, contrast=0.4, saturation=0.4, color_cast=0.3,
+                                    channel_shuffle=0.5)  # fmt: skip
+"""Colour jitter of the ``augment`` lever (drawn per window and per view)."""
+
+
+def _lever_background_mask(cfg: RunConfig, on: bool) -> RunConfig:
+    backbone = replace(cfg.model.backbone, background_mask=on)
+    return replace(cfg, model=replace(cfg.model, backbone=backbone))
+
+
+def _lever_augment(cfg: RunConfig, on: bool) -> RunConfig:
+    augment = STRONG_AUGMENT if on else ColorAugmentConfig()
+    return replace(cfg, model=replace(cfg.model, augment=augment))
+
+
+def _lever_span_mask(cfg: RunConfig, on: bool) -> RunConfig:
+    return replace(cfg, model=replace(cfg.model, mask=replace(cfg.model.mask, span=3 if on else 1)))
+
+
+def _lever_appearance_swap(cfg: RunConfig, on: bool) -> RunConfig:
+    """The shards are the lever (``shards synth --appearances-per-sample 2``: each camera in two
+    appearances, 2V views); the config draws V of them per sample, so a step sees as many
+    frames as without it and the positives include the same instant in other clothing."""
+    return cfg
+
+
+LEVERS: dict[str, Callable[[RunConfig, bool], RunConfig]] = {
+    "background-mask": _lever_background_mask,
+    "augment": _lever_augment,
+    "appearance-swap": _lever_appearance_swap,
+    "span-mask": _lever_span_mask,
+}
+"""The levers against appearance shortcuts (GUIDE 6, docs/results.md "Ablation"): name ->
+``(config, on) -> config``."""
+
+
+def with_levers(cfg: RunConfig, levers: Sequence[str]) -> RunConfig:
+    """``cfg`` with every lever off, then the named ones on (``posebert pretrain --levers``)."""
+    unknown = sorted(set(levers) - set(LEVERS))
+    if unknown:
+        raise ValueError(f"unknown lever(s) {', '.join(unknown)}; choose from {', '.join(LEVERS)}")
+    for name, switch in LEVERS.items():
+        cfg = switch(cfg, name in levers)
+    return cfg
+
+
 def gpu_pose_resnet50() -> RunConfig:
     """The pose-sensitive recipe at full size on one GPU: ResNet-50 at 128 px, every lever
     against appearance shortcuts on (background mask, colour jitter per view and window, span
@@ -101,18 +150,15 @@ def gpu_pose_resnet50() -> RunConfig:
     16 frames = 1,024 frames per step, 30,000 steps (about 30M frames, many passes over
     the embedded clips' train frames). For 224 px, render the shards with ``--size 224``.
     Expected cost in docs/pretraining.md."""
-    cfg = base()
-    return replace(
-        cfg,
+    cfg = replace(
+        base(),
         recipe="gpu_pose_resnet50",
         data=DataConfig(train="runs/shards-app/train", num_workers=8, shuffle_buffer=256,
                         views=4),  # fmt: skip
-        model=PoseBERTConfig(
-            backbone=BackboneConfig(name="resnet50", channels_last=True, background_mask=True),
-            mask=MaskConfig(prob=0.3, span=3),
-            augment=ColorAugmentConfig(brightness=0.4, contrast=0.4, saturation=0.4,
-                                       color_cast=0.3, channel_shuffle=0.5),  # fmt: skip
-        ),
+        model=PoseBERTConfig(backbone=BackboneConfig(name="resnet50", channels_last=True)),
+    )
+    return replace(
+        with_levers(cfg, tuple(LEVERS)),
         objective=ContrastiveConfig(negatives=NegativeConfig(kind="gt_pose", num=100)),
         engine=EngineConfig(micro_batch_per_rank=16, precision="bf16",
                             optimizer=OptimizerConfig(lr=5e-4),
@@ -121,8 +167,16 @@ def gpu_pose_resnet50() -> RunConfig:
     )
 
 
+def demo_cpu_quick() -> RunConfig:
+    """``posebert demo --quick``: demo_cpu for 10 steps on 2 views, one checkpoint."""
+    cfg = demo_cpu()
+    return replace(cfg, recipe="demo_cpu_quick", data=replace(cfg.data, views=2),
+                   train=replace(cfg.train, max_steps=10, checkpoint_every=10))  # fmt: skip
+
+
 RECIPES: dict[str, Callable[[], RunConfig]] = {
-    f.__name__: f for f in (base, debug_cpu, demo_cpu, cluster_resnet50_224, gpu_pose_resnet50)
+    f.__name__: f
+    for f in (base, debug_cpu, demo_cpu, demo_cpu_quick, cluster_resnet50_224, gpu_pose_resnet50)
 }
 
 

@@ -10,9 +10,8 @@ Embedders are callables ``(frames (B, V, T, 3, H, W) uint8, masks (B, V, T, H, W
 PoseBERT, pretrained or random-init) and :class:`RawPixels` (the downsampled-pixels reference
 row that belongs beside every learned encoder).
 
-Caching (:func:`embed_split_cached`): files are keyed by the embedder's fingerprint and the
-split manifest's sha256, written atomically with a sha256 file beside them, and verified
-before they are read (:func:`save_verified` / :func:`open_verified`).
+A split's rows are cached, verified and shared by several ranks in
+:mod:`finetune.evaluation.cache`.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -31,65 +29,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_shards.manifest import MANIFEST_NAME, atomic_write_bytes, sha256_file
+from data_shards.manifest import MANIFEST_NAME, sha256_file
 from data_shards.read import ReaderConfig, ShardReader
 from data_shards.skeleton import root_relative
+from finetune.evaluation.store import open_verified, save_verified
 
 LABELS = ("keys", "clips", "actions", "cameras")  # string columns of Embeddings
 INDICES = ("views", "frames")  # integer columns of Embeddings
-
-
-class ChecksumError(RuntimeError):
-    """A cached file does not match the sha256 beside it (tampered or corrupted): not read."""
-
-
-# ---------------------------------------------------------------- verified, atomic cache files
-
-
-def checksum_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def save_verified(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically with ``path.sha256`` beside it.
-
-    Order matters for a run killed at any point: the old checksum is removed first, then the
-    data replaced (temp + fsync + rename), then the new checksum written the same way. Every
-    crash state is "no checksum" (a cache miss, rebuilt) or a consistent pair; a mismatching
-    pair can only come from tampering or corruption, and :func:`open_verified` refuses it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(data).hexdigest()
-    checksum_path(path).unlink(missing_ok=True)
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(checksum_path(path), f"{digest}  {path.name}\n".encode())
-    return path
-
-
-def is_complete(path: str | os.PathLike) -> bool:
-    """True when both the file and its checksum exist (a finished write, maybe tampered)."""
-    path = Path(path)
-    return path.is_file() and checksum_path(path).is_file()
-
-
-def open_verified(path: str | os.PathLike) -> bytes:
-    """The bytes of ``path`` after checking them against ``path.sha256``; raises
-    :class:`ChecksumError` (nothing parsed) on a mismatch or a missing checksum."""
-    path = Path(path)
-    sums = checksum_path(path)
-    if not sums.is_file():
-        raise ChecksumError(f"{path}: no checksum file {sums.name}; refusing to read it")
-    expected = sums.read_text().split()[0] if sums.read_text().strip() else ""
-    data = path.read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected:
-        raise ChecksumError(
-            f"{path}: sha256 {actual[:16]}... does not match {sums.name} ({expected[:16]}...); "
-            "the file was modified or corrupted; delete it (and its .sha256) to rebuild"
-        )
-    return data
-
 
 # ------------------------------------------------------------------------------- embeddings
 
@@ -406,135 +352,3 @@ def _empty_rows(layout) -> Embeddings:
     text, ints = np.zeros(0, dtype=str), np.zeros(0, np.int64)
     return Embeddings(np.zeros((0, 0), np.float32), np.zeros((0, NUM_JOINTS, 3), np.float32),
                       text, text, text, text, ints, ints)  # fmt: skip
-
-
-def embed_split_cached(
-    encoder: torch.nn.Module | FrameEmbedder,
-    split_dir: str | os.PathLike,
-    cache_dir: str | os.PathLike,
-    batch_size: int = 8,
-    normalize: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
-    timeout_s: float = 1800.0,
-    **kwargs,
-) -> tuple[Embeddings, Path]:
-    """:func:`embed_split` through the cache; returns the embeddings and their cache folder.
-
-    The folder is ``cache_dir/<embedder fingerprint[:16]>-<manifest sha256[:16]>``; a complete
-    file is verified before it is read (a mismatch raises :class:`ChecksumError`), a missing or
-    half-written one (no checksum) is rebuilt.
-
-    Several ranks (torch.distributed initialised, or explicit ``rank``/``world_size``; every
-    rank calls this): each embeds its share and writes it as a verified part file in the
-    folder; rank 0 merges the parts in manifest order, writes the one cache file and removes
-    the parts; every rank then reads that file, so all return the same rows as one process.
-    With a process group the ranks meet at barriers; without one, in the folder (rank 0 waits
-    for the parts, the others for the cache file; up to ``timeout_s``; one run per cache folder
-    at a time). The folder must be one that every rank sees (one machine, or a shared file
-    system). A part left by a killed run is reused (same embedder, split, batch size and world
-    size: the same rows).
-    """
-    path, emb = _ensure_cached(encoder, split_dir, cache_dir, batch_size, normalize, rank,
-                               world_size, timeout_s, **kwargs)  # fmt: skip
-    return (Embeddings.load(path) if emb is None else emb), path.parent
-
-
-def cache_embeddings(
-    encoder: torch.nn.Module | FrameEmbedder,
-    split_dir: str | os.PathLike,
-    cache_dir: str | os.PathLike,
-    batch_size: int = 8,
-    normalize: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
-    timeout_s: float = 1800.0,
-    **kwargs,
-) -> Path:
-    """:func:`embed_split_cached` for ranks that will not use the rows: the same collective
-    (every rank calls it), returns the verified cache file's path and loads nothing."""
-    return _ensure_cached(encoder, split_dir, cache_dir, batch_size, normalize, rank,
-                          world_size, timeout_s, **kwargs)[0]  # fmt: skip
-
-
-def _ensure_cached(encoder, split_dir, cache_dir, batch_size: int, normalize: bool,
-                   rank: int | None, world_size: int | None, timeout_s: float,
-                   **kwargs) -> tuple[Path, Embeddings | None]:  # fmt: skip
-    """The cache file's path, and the rows when this process has just embedded all of them."""
-    embedder = as_embedder(encoder)
-    folder = Path(cache_dir) / f"{embedder.fingerprint[:16]}-{split_fingerprint(split_dir)[:16]}"
-    path = folder / f"embeddings{'-l2norm' if normalize else ''}.npz"
-    rank, world_size, grouped = _ranks(rank, world_size)
-    hit = is_complete(path)
-    if grouped:  # every rank takes the branch rank 0 takes
-        from pretrain.engine import dist
-
-        hit = dist.broadcast_object(hit)
-    if hit:
-        return path, None
-    if world_size == 1:
-        emb = embed_split(embedder, split_dir, batch_size, normalize, rank=0, world_size=1,
-                          **kwargs)  # fmt: skip
-        _save_cache(emb, path, embedder, split_dir, normalize)
-        return path, emb
-    _build_from_parts(embedder, split_dir, path, rank, world_size, grouped, batch_size,
-                      normalize, timeout_s, **kwargs)  # fmt: skip
-    return path, None
-
-
-def _save_cache(emb: Embeddings, path: Path, embedder: FrameEmbedder, split_dir, normalize: bool
-                ) -> None:  # fmt: skip
-    emb.save(path)
-    info = dict(embedder=embedder.fingerprint, split=str(split_dir), rows=len(emb),
-                dim=int(emb.vectors.shape[1]), normalize=normalize)  # fmt: skip
-    save_verified(path.parent / "info.json", json.dumps(info, indent=1).encode())
-
-
-def _part_path(path: Path, rank: int, world_size: int, batch_size: int) -> Path:
-    return path.parent / "parts" / f"{path.stem}.b{batch_size}.rank{rank}-of-{world_size}.npz"
-
-
-def _build_from_parts(embedder: FrameEmbedder, split_dir, path: Path, rank: int,
-                      world_size: int, grouped: bool, batch_size: int, normalize: bool,
-                      timeout_s: float, **kwargs) -> None:  # fmt: skip
-    """Each rank's share -> a verified part file; rank 0 merges them into ``path``."""
-    parts = [_part_path(path, r, world_size, batch_size) for r in range(world_size)]
-    if not is_complete(parts[rank]):
-        emb, samples = embed_split_part(embedder, split_dir, rank, world_size, batch_size,
-                                        normalize, **kwargs)  # fmt: skip
-        buf = io.BytesIO()
-        np.savez(buf, samples=samples, **emb.columns())
-        del emb
-        save_verified(parts[rank], buf.getvalue())
-        del buf
-    _meet(grouped, parts if rank == 0 else [], timeout_s)  # every part written
-    if rank == 0:
-        merged = merge_parts([_read_part(p) for p in parts])
-        _save_cache(merged, path, embedder, split_dir, normalize)
-        del merged
-        for p in parts:  # after the cache file is complete: a kill before this leaves parts
-            checksum_path(p).unlink(missing_ok=True)
-            p.unlink(missing_ok=True)
-    _meet(grouped, [path], timeout_s)  # the cache file written
-
-
-def _read_part(path: Path) -> tuple[Embeddings, np.ndarray]:
-    with np.load(io.BytesIO(open_verified(path)), allow_pickle=False) as z:
-        emb = Embeddings(**{f.name: z[f.name] for f in dataclasses.fields(Embeddings)})
-        return emb, z["samples"]
-
-
-def _meet(grouped: bool, paths: list[Path], timeout_s: float, poll_s: float = 0.2) -> None:
-    """A barrier: torch.distributed's, or (no process group) wait until ``paths`` are complete
-    (written with their checksum)."""
-    if grouped:
-        from pretrain.engine import dist
-
-        dist.barrier()
-        return
-    deadline = time.monotonic() + timeout_s
-    while not all(is_complete(p) for p in paths):
-        if time.monotonic() > deadline:
-            missing = [p.name for p in paths if not is_complete(p)]
-            raise TimeoutError(f"waited {timeout_s:g} s for {', '.join(missing)}")
-        time.sleep(poll_s)

@@ -24,11 +24,11 @@ import torch
 
 from data_shards.manifest import Manifest, atomic_write_text, find_splits
 from finetune.evaluation import metrics
+from finetune.evaluation.cache import cache_embeddings
 from finetune.evaluation.embed import (
     Embeddings,
     EncoderEmbedder,
     RawPixels,
-    cache_embeddings,
     default_device,
     random_init_like,
 )

@@ -30,8 +30,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from finetune.evaluation.embed import Embeddings, is_complete, open_verified, save_verified
+from finetune.evaluation.embed import Embeddings
 from finetune.evaluation.metrics import mpjpe, p_mpjpe
+from finetune.evaluation.store import is_complete, open_verified, save_verified
 
 FAISS_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 INDEX_KINDS = ("flat", "ivfpq")
@@ -148,7 +149,7 @@ def cached_index(gallery: Embeddings, folder: str | os.PathLike,
                  config: RetrievalConfig) -> faiss.Index:  # fmt: skip
     """The gallery's index from ``folder`` (the embeddings' cache folder), built and saved when
     missing or half-written; a tampered one raises
-    :class:`finetune.evaluation.embed.ChecksumError`."""
+    :class:`finetune.evaluation.store.ChecksumError`."""
     path = Path(folder) / f"index-{config.kind}-{config.metric}.faiss"
     if is_complete(path):
         return load_index(path, config.gpu)

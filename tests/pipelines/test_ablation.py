@@ -9,29 +9,37 @@ import pytest
 from pipelines import ablation
 
 
-def _sets(stage) -> dict[str, str]:
-    pairs = [a.removeprefix("--set=").split("=", 1) for a in stage.args if a.startswith("--set=")]
-    return dict(pairs)
+def _config(stage):
+    """The pretraining config a stage's command line resolves to (recipe, levers, --set)."""
+    from pretrain.cli import resolve_config
+
+    args = stage.args
+    sets = [a.removeprefix("--set=") for a in args if a.startswith("--set=")]
+    levers = args[args.index("--levers") + 1] if "--levers" in args else None
+    return resolve_config(args[args.index("--recipe") + 1], sets, levers)
 
 
 def test_each_variant_switches_on_its_levers_only(tmp_path):
     stages = {s.name: s for s in ablation.plan(tmp_path, list(ablation.VARIANTS), False, 2)}
-    base = _sets(stages["baseline: pretrain"])
-    assert base["model.backbone.background_mask"] == "false" and base["model.mask.span"] == "1"
-    assert base["data.train"] == str(tmp_path / "shards" / "train")
-    assert not any(k.startswith("model.augment") for k in base)
-    bg = _sets(stages["background-mask: pretrain"])
-    assert bg["model.backbone.background_mask"] == "true" and bg["model.mask.span"] == "1"
-    span = _sets(stages["span-mask: pretrain"])
-    assert span["model.mask.span"] == "3" and span["model.backbone.background_mask"] == "false"
-    aug = _sets(stages["augment: pretrain"])
-    assert float(aug["model.augment.brightness"]) > 0 and aug["model.mask.span"] == "1"
-    swap = _sets(stages["appearance-swap: pretrain"])
-    assert swap["data.train"] == str(tmp_path / "shards-app" / "train")
-    assert swap["data.views"] == "4"
-    every = _sets(stages["all: pretrain"])
-    assert every == {**base, **aug, **swap, "model.backbone.background_mask": "true",
-                     "model.mask.span": "3"}
+    base = _config(stages["baseline: pretrain"])
+    assert not base.model.backbone.background_mask and base.model.mask.span == 1
+    assert base.data.train == str(tmp_path / "shards" / "train")
+    assert not base.model.augment.enabled
+    bg = _config(stages["background-mask: pretrain"])
+    assert bg.model.backbone.background_mask and bg.model.mask.span == 1
+    span = _config(stages["span-mask: pretrain"])
+    assert span.model.mask.span == 3 and not span.model.backbone.background_mask
+    aug = _config(stages["augment: pretrain"])
+    assert aug.model.augment.brightness > 0 and aug.model.mask.span == 1
+    swap = _config(stages["appearance-swap: pretrain"])
+    assert swap.data.train == str(tmp_path / "shards-app" / "train")
+    assert swap.data.views == 4
+    every = _config(stages["all: pretrain"])
+    assert every.model.augment == aug.model.augment and every.data == swap.data
+    assert every.model.backbone.background_mask and every.model.mask.span == 3
+    from pretrain.recipes import gpu_pose_resnet50
+
+    assert every.model.augment == gpu_pose_resnet50().model.augment  # one definition
     for variant in ablation.VARIANTS:  # both held-out sets, one shared cache
         slug = variant.lstrip("+")
         for split in ablation.HELDOUT:
@@ -67,7 +75,8 @@ def test_quick_variant_end_to_end_and_rerun(tmp_path, capsys):
         assert oracle["mpjpe_top1"] <= model["mpjpe_top1"] and model["probe_mpjpe"] > 0
     text = (out / "ablation.md").read_text()
     assert text.count("| baseline |") == 2 and "raw pixels 16x16" in text
-    assert "--set=model.mask.span=1" in text
+    assert "--levers none" in text  # the baseline: every lever off
+    assert result["protocol"]["queries"] == ["val", "test"] and result["stage"] == "ablation"
     assert (out / "ablation.png").stat().st_size > 10_000
     capsys.readouterr()
     assert ablation.run_ablation(out, "baseline", quick=True, nproc=1) == 0

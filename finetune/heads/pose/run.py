@@ -29,13 +29,8 @@ from data_shards.manifest import Manifest, find_splits
 from data_shards.skeleton import NUM_JOINTS
 from data_shards.transforms import Resize
 from finetune.clips import labelled_subset, read_split
-from finetune.evaluation.embed import (
-    Embeddings,
-    EncoderEmbedder,
-    embed_split,
-    embed_split_cached,
-    random_init_like,
-)
+from finetune.evaluation.cache import embed_split_cached
+from finetune.evaluation.embed import Embeddings, EncoderEmbedder, embed_split, random_init_like
 from finetune.evaluation.metrics import score_sequences
 from finetune.heads.pose.config import PoseConfig
 from finetune.heads.pose.model import MM_PER_UNIT, PosePredictor, PoseRegressor, save_head

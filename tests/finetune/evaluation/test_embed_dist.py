@@ -14,11 +14,11 @@ from conftest import make_sample
 
 import finetune.evaluation.evaluate as evaluate
 from data_shards.write import write_split
+from finetune.evaluation.cache import embed_split_cached
 from finetune.evaluation.embed import (
     Embeddings,
     RawPixels,
     embed_split,
-    embed_split_cached,
     embed_split_part,
     merge_parts,
 )
@@ -59,7 +59,8 @@ RANK_SCRIPT = """
 import sys
 from pathlib import Path
 from pretrain.engine import dist
-from finetune.evaluation.embed import RawPixels, embed_split, embed_split_cached
+from finetune.evaluation.cache import embed_split_cached
+from finetune.evaluation.embed import embed_split, RawPixels
 env = dist.init_distributed(backend="gloo", timeout_s=60)
 split, out = sys.argv[1], Path(sys.argv[2])
 cached, folder = embed_split_cached(RawPixels(4), split, out / "cache", batch_size=2,
@@ -178,17 +179,17 @@ def _ranks_in_threads(split, cache, world: int, timeout_s: float = 60) -> dict:
 
 
 def test_parts_of_an_interrupted_run_are_reused_or_rebuilt(split, tmp_path, monkeypatch):
-    import finetune.evaluation.embed as embed_mod
+    import finetune.evaluation.cache as cache_mod
 
-    real = embed_mod.merge_parts
+    real = cache_mod.merge_parts
 
     def rank0_dies(parts):
         raise KeyboardInterrupt("rank 0 killed before merging")
 
-    monkeypatch.setattr(embed_mod, "merge_parts", rank0_dies)
+    monkeypatch.setattr(cache_mod, "merge_parts", rank0_dies)
     first = _ranks_in_threads(split, tmp_path, 2, timeout_s=2)
     assert isinstance(first[0], KeyboardInterrupt) and isinstance(first[1], TimeoutError)
-    monkeypatch.setattr(embed_mod, "merge_parts", real)
+    monkeypatch.setattr(cache_mod, "merge_parts", real)
     (parts_dir,) = tmp_path.glob("*/parts")
     part0 = next(parts_dir.glob("*rank0-of-2.npz"))
     part0.write_bytes(part0.read_bytes()[:100])  # rank 0's part: cut, as if killed mid-write

@@ -1,6 +1,6 @@
 """SIGKILL while the embedding cache is written: a rerun reads a verified file or rebuilds.
 
-A child process runs :func:`finetune.evaluation.embed.embed_split_cached` with an embedder whose
+A child process runs :func:`finetune.evaluation.cache.embed_split_cached` with an embedder whose
 rows are wide (a ~20 MB cache file, so a kill lands inside the write) and is SIGKILLed, either by
 itself just before its n-th fsync / rename (every step of the two atomic writes of
 ``save_verified``, deterministic) or by the test at seeded random moments. After every kill: a
@@ -23,7 +23,9 @@ import pytest
 from conftest import make_sample
 
 from data_shards.write import write_split
-from finetune.evaluation.embed import Embeddings, embed_split_cached, is_complete, open_verified
+from finetune.evaluation.cache import embed_split_cached
+from finetune.evaluation.embed import Embeddings
+from finetune.evaluation.store import is_complete, open_verified
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +64,7 @@ if mode == "hook":  # SIGKILL ourselves just before the n-th durable step (fsync
             return real(*args)
         return step
     os.fsync, os.replace = killing(os.fsync), killing(os.replace)
-from finetune.evaluation.embed import embed_split_cached
+from finetune.evaluation.cache import embed_split_cached
 print("ready", flush=True)
 t0 = time.perf_counter()
 embed_split_cached(Wide(), split, cache, progress=False)

@@ -7,18 +7,14 @@ import pytest
 import torch
 from conftest import make_sample
 
-import finetune.evaluation.embed as embed_mod
 import finetune.evaluation.retrieval as rt
+import finetune.evaluation.store as store_mod
 from data_shards.skeleton import NUM_JOINTS
 from data_shards.write import write_split
-from finetune.evaluation.embed import (
-    ChecksumError,
-    Embeddings,
-    RawPixels,
-    embed_split,
-    embed_split_cached,
-)
+from finetune.evaluation.cache import embed_split_cached
+from finetune.evaluation.embed import Embeddings, RawPixels, embed_split
 from finetune.evaluation.retrieval import RetrievalConfig, build_index, search
+from finetune.evaluation.store import ChecksumError
 
 V, T = 2, 4
 
@@ -187,7 +183,7 @@ def test_tampered_index_refused_before_reading(tmp_path, monkeypatch):
 def test_rerun_after_kill_is_idempotent(split, tmp_path, monkeypatch):
     split_dir = split[0]
     clean, _ = embed_split_cached(RawPixels(4), split_dir, tmp_path / "clean", progress=False)
-    real_write, calls = embed_mod.atomic_write_bytes, []
+    real_write, calls = store_mod.atomic_write_bytes, []
 
     def killed_before_checksum(path, data):  # the data file lands, then the process dies
         calls.append(path.name)
@@ -196,10 +192,10 @@ def test_rerun_after_kill_is_idempotent(split, tmp_path, monkeypatch):
         real_write(path, data)
 
     cache = tmp_path / "cache"
-    monkeypatch.setattr(embed_mod, "atomic_write_bytes", killed_before_checksum)
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", killed_before_checksum)
     with pytest.raises(KeyboardInterrupt):
         embed_split_cached(RawPixels(4), split_dir, cache, progress=False)
-    monkeypatch.setattr(embed_mod, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", real_write)
     (folder,) = cache.iterdir()
     assert (folder / "embeddings-l2norm.npz").exists()  # a half-done entry: data, no checksum
     (folder / ".embeddings-l2norm.npz.tmp999").write_bytes(b"half a file")  # a stale temp
