@@ -2,11 +2,17 @@
 
 A method module (``finetune/heads/lift/<name>.py``) defines ``METHOD = LiftMethod(...)``:
 
-- ``config``: a dataclass subclassing :class:`LiftConfig` whose defaults are the method's
-  recipe; validated in ``__post_init__`` (one-line ``ValueError`` naming the field);
+- ``config``: a frozen dataclass subclassing :class:`LiftConfig` whose defaults are the
+  method's recipe (its optimiser and learning-rate schedule in the nested ``optim``);
+  validated in ``__post_init__`` (one-line ``ValueError`` naming the field);
 - ``rows``: the method's ablation, row name -> config overrides (the rows of docs/results.md);
-- ``fit(data, config, progress) -> Fitted``: trains on ``data.train`` (labels as the config
-  allows: an unsupervised method never reads ``pose3d`` of train), seeded by ``config.seed``.
+- ``fit(data, config, log) -> Fitted``: trains on ``data.train`` (labels as the config allows:
+  an unsupervised method never reads ``pose3d`` of train), seeded by ``config.seed``, every
+  optimisation through :class:`finetune.loop.Trainer` (``log.trainer(config)``); the model
+  keeps only its loss and its batches;
+- ``restore(config, state_dict) -> Fitted``: the fitted model(s) rebuilt from a saved row;
+- ``read(config)``: the keyword arguments of :func:`finetune.clips.read_sequences` the method
+  needs beyond the labels (the image head: the frames at its input size).
 
 The runner (:mod:`finetune.heads.lift.run`) scores every :class:`Fitted` the same way.
 """
@@ -21,33 +27,47 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from finetune.heads.lift.data import Sequence, corrupt_2d
+from finetune.clips import Sequence, labelled_subset
+from finetune.evaluation.metrics import mpjpe
+from finetune.heads.lift.data import corrupt_2d
+from finetune.loop import OptimConfig, Trainer
+from pretrain.engine.schedules import LRSchedule
 
 METHOD_NAMES = ("tcn", "vaegan", "cyclic", "selfcorrect", "hrnet")
 
+COSINE = LRSchedule(min_lr_ratio=0.05)
+"""Cosine decay from the peak to 5% of it over the run, no warm-up (the per-frame lifters)."""
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class LiftConfig:
     """Fields every method has. Subclasses add theirs and call ``super().__post_init__()``."""
 
     seed: int = 0
+    """Seeds the weights, the batches, the detector noise and the labelled clips."""
     steps: int = 2000
     """Optimiser steps."""
     batch_size: int = 256
-    lr: float = 1e-3
+    """Samples per step (frames or windows; the method says which)."""
+    optim: OptimConfig = OptimConfig(kind="adam", lr=1e-3, schedule=COSINE)
+    """Adam, cosine decay to 5% of the learning rate (:class:`finetune.loop.OptimConfig`)."""
     noise_px: float = 0.0
     """Gaussian noise on the input 2D keypoints (pixels of the 128 px crop), train and eval."""
     drop_prob: float = 0.0
     """Share of input joints dropped (moved to the frame's centre), train and eval."""
     labels: float = 1.0
     """Share of the train clips whose 3D poses a supervised loss may read (by clip, seeded)."""
+    log_every: int = 25
+    """Steps between logged records (OUT/rows/<row>/metrics.jsonl and the loss curves)."""
 
     def __post_init__(self) -> None:
         checks = {
             "seed": self.seed >= 0, "steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0, "noise_px": self.noise_px >= 0,
+            "optim": isinstance(self.optim, OptimConfig), "noise_px": self.noise_px >= 0,
             "drop_prob": 0 <= self.drop_prob < 1, "labels": 0 <= self.labels <= 1,
+            "log_every": self.log_every >= 1,
         }  # fmt: skip
         check_fields(self, checks)
 
@@ -64,8 +84,8 @@ def check_fields(config: object, checks: dict[str, bool], why: dict[str, str] | 
 
 @dataclasses.dataclass
 class LiftData:
-    """What ``fit`` gets: sequences per split (train and the held-out ones) and where they
-    came from (the image head reads frames from ``shards``)."""
+    """What ``fit`` gets: sequences per split (train and the held-out ones) and the shard root
+    they were read from."""
 
     shards: Path
     splits: dict[str, list[Sequence]]
@@ -75,9 +95,32 @@ class LiftData:
         return self.splits["train"]
 
 
+@dataclasses.dataclass(frozen=True)
+class FitLog:
+    """Where a fit reports: the name its progress bars and errors carry (the runner's: method
+    and row), the row's log folder (None: no files) and whether to draw progress bars."""
+
+    name: str = "lift"
+    log_dir: Path | None = None
+    progress: bool = False
+
+    def trainer(self, config: LiftConfig, part: str = "") -> Trainer:
+        """The loop of one optimisation of the fit, logging every ``config.log_every`` steps
+        to LOG_DIR (metrics.jsonl + tensorboard); a second optimisation of the same fit names
+        its ``part`` and logs to LOG_DIR/<part>."""
+        log_dir = self.log_dir / part if self.log_dir is not None and part else self.log_dir
+        name = f"{self.name} ({part})" if part else self.name
+        return Trainer(name, log_dir, self.progress, log_every=config.log_every)
+
+
+QUIET = FitLog()
+"""A fit that writes no log files and draws no progress bar (tests, notebooks)."""
+
+
 class Fitted(Protocol):
     losses: list[dict[str, float]]
-    """Per logged step: each loss term (floats), and ``step``."""
+    """The records of :meth:`finetune.loop.Trainer.fit`: per logged step ``step``, each loss
+    term, ``lr`` and ``time_s`` (empty for a row restored from disk)."""
 
     def predict(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
         """Per sequence, (N, J, 3) root-relative 3D in that camera's coordinates, mm."""
@@ -91,11 +134,15 @@ class LiftMethod:
     name: str
     config: type
     rows: dict[str, dict]
-    fit: Callable[[LiftData, LiftConfig, bool], Fitted]
+    fit: Callable[[LiftData, LiftConfig, FitLog], Fitted]
+    restore: Callable[[LiftConfig, dict[str, torch.Tensor]], Fitted]
+    """The fitted model(s) rebuilt from a row's config and its saved ``state_dict()``."""
     describe: str = ""
     figure: Callable[[Fitted, list[Sequence], Path], Path] | None = None
     """Optional picture of a fitted row over every sequence (e.g. a latent space), written by
     the runner as OUT/rows/<row>.png."""
+    read: Callable[[LiftConfig], dict] = lambda config: {}
+    """Keyword arguments of :func:`finetune.clips.read_sequences` a row's config needs."""
 
 
 def get_method(name: str) -> LiftMethod:
@@ -105,14 +152,9 @@ def get_method(name: str) -> LiftMethod:
 
 
 def labelled_clips(sequences: list[Sequence], fraction: float, seed: int) -> set[str]:
-    """The clips whose 3D a supervised loss may read: a seeded share of the distinct clips
-    (at least one when ``fraction`` > 0), nested (a smaller share is a subset of a larger)."""
-    clips = sorted({s.clip for s in sequences})
-    if fraction <= 0:
-        return set()
-    order = np.random.default_rng(seed).permutation(len(clips))
-    count = max(1, round(fraction * len(clips)))
-    return {clips[i] for i in order[:count]}
+    """The clips whose 3D a supervised loss may read: :func:`finetune.clips.labelled_subset`
+    of the distinct clips (a seeded share, at least one when ``fraction`` > 0, nested)."""
+    return labelled_subset({s.clip for s in sequences}, fraction, seed)
 
 
 def model_inputs(sequences: list[Sequence], config: LiftConfig, split: str
@@ -124,3 +166,16 @@ def model_inputs(sequences: list[Sequence], config: LiftConfig, split: str
     salt = {"train": 0, "val": 1, "test": 2}.get(split, 3)
     rng = np.random.default_rng([config.seed, salt])
     return [corrupt_2d(s.pose2d, config.noise_px, config.drop_prob, rng) for s in sequences]
+
+
+def joint_distance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:  # fmt: skip
+    """The training form of MPJPE (:func:`finetune.evaluation.metrics.mpjpe` per pose, in the
+    inputs' units), averaged over the poses whose ``mask`` is 1 (all when None; 0 when none
+    is). 2D keypoints (..., J, 2) are measured as points of the z = 0 plane."""
+    if pred.shape[-1] == 2:
+        pred, target = F.pad(pred, (0, 1)), F.pad(target, (0, 1))
+    per_pose = mpjpe(pred, target, reduce="none")  # (B,)
+    if mask is None:
+        return per_pose.mean()
+    return (per_pose * mask).sum() / mask.sum().clamp(min=1)

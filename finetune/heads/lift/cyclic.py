@@ -45,44 +45,50 @@ the clean 2D than the decoder's own projection (0.09).
 What differs from Martinez et al.: inputs are the shards' 2D projections with detector noise,
 normalised to [-1, 1] (:func:`normalize_2d`) and made root-relative per frame;
 targets are root-relative metres; no max-norm constraint and a cosine learning-rate decay
-instead of the exponential one; fewer steps (a 2-core CPU recipe). The supervised 3D loss and
-the decoder's true-3D pairs read only the clips ``labelled_clips`` allows; the cycle and
-symmetry losses use every train frame (they need no 3D).
+instead of the exponential one (``optim.schedule``); fewer steps (a 2-core CPU recipe). The
+supervised 3D loss and the decoder's true-3D pairs read only the clips ``labelled_clips``
+allows; the cycle and symmetry losses use every train frame (they need no 3D).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from data_shards.skeleton import LEFT_JOINTS, NUM_JOINTS, PARENTS, RIGHT_JOINTS, ROOT
+from finetune.clips import Sequence
 from finetune.heads.lift.base import (
+    QUIET,
+    FitLog,
     LiftConfig,
     LiftData,
     LiftMethod,
     check_fields,
+    joint_distance,
     labelled_clips,
     model_inputs,
 )
-from finetune.heads.lift.data import Sequence, normalize_2d, root_relative_m
+from finetune.heads.lift.data import normalize_2d, root_relative_m
+from finetune.loop import Part
 
-LOG_EVERY = 25
 
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CyclicConfig(LiftConfig):
+    """The recipe: Martinez et al.'s encoder, Adam with a cosine decay (``optim``)."""
+
     steps: int = 400
+    """Optimiser steps of ``batch_size`` random train frames."""
     width: int = 1024
     """Encoder width (Martinez et al.: 1024)."""
     blocks: int = 2
     """Residual modules of two layers each in the encoder (Martinez et al.: 2)."""
     decoder_width: int = 256
+    """Decoder width."""
     decoder_blocks: int = 1
+    """Residual modules of two layers each in the decoder."""
     dropout: float = 0.5
     """Encoder dropout (Martinez et al.: 0.5)."""
     decoder_norm: bool = False
@@ -205,16 +211,6 @@ def bone_symmetry_loss(pose3d: torch.Tensor) -> torch.Tensor:
     return (length_l - length_r).abs().mean()
 
 
-def joint_distance(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
-                   ) -> torch.Tensor:  # fmt: skip
-    """Mean Euclidean distance per joint (MPJPE in the inputs' units), over the frames whose
-    ``weight`` is 1 (all when None); 0 when none is."""
-    per_frame = (pred - target).norm(dim=-1).mean(-1)  # (B,)
-    if weight is None:
-        return per_frame.mean()
-    return (per_frame * weight).sum() / weight.sum().clamp(min=1)
-
-
 # ------------------------------------------------------------------------------ data
 
 
@@ -254,21 +250,15 @@ def cycle_terms(model: CyclicLifter, x2d: torch.Tensor, pose3d: torch.Tensor,
     return terms
 
 
-def lr_scale(step: int, steps: int) -> float:
-    """Cosine decay from 1 to 0.05 over the run."""
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-
-
 # ------------------------------------------------------------------------------ fit
 
 
 class FittedCyclic:
     def __init__(self, model: CyclicLifter, config: CyclicConfig, losses: list[dict]) -> None:
-        self.model, self.config, self.losses = model, config, losses
+        self.model, self.config, self.losses = model.eval(), config, losses
 
     @torch.no_grad()
     def predict(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
-        self.model.eval()
         out = []
         for s, px in zip(sequences, model_inputs(sequences, self.config, split), strict=True):
             x = torch.from_numpy(frame_inputs(px, s.image_size))
@@ -279,40 +269,39 @@ class FittedCyclic:
         return self.model.state_dict()
 
 
-def fit(data: LiftData, config: CyclicConfig, progress: bool = False) -> FittedCyclic:
+def restore(config: CyclicConfig, state_dict: dict[str, torch.Tensor]) -> FittedCyclic:
+    model = CyclicLifter(config)
+    model.load_state_dict(state_dict)
+    return FittedCyclic(model, config, [])
+
+
+def fit(data: LiftData, config: CyclicConfig, log: FitLog = QUIET) -> FittedCyclic:
     torch.manual_seed(config.seed)
     frames = train_frames(data.train, config)
     if frames["mask"].sum() == 0:
         raise ValueError("CyclicConfig.labels: the encoder loss needs at least one labelled clip")
-    model = CyclicLifter(config)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_scale(s, config.steps))
+    trainer = log.trainer(config)
+    model = trainer.prepare(CyclicLifter(config))
     generator = torch.Generator().manual_seed(config.seed)
     count = len(frames["inputs"])
     batch = min(config.batch_size, count)
     weights = {"encoder": 1.0, "decoder": config.decoder_weight,
                "projector": config.decoder_weight, "symmetry": config.symmetry_weight}  # fmt: skip
-    losses: list[dict] = []
-    model.train()
-    for step in tqdm(range(1, config.steps + 1), desc="cyclic", disable=not progress):
+
+    def step(i: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(count, (batch,), generator=generator)
-        x2d, clean, y3d, w = (frames[k][idx] for k in ("inputs", "clean", "targets", "mask"))
+        x2d, clean, y3d, w = (frames[k][idx].to(trainer.device)
+                              for k in ("inputs", "clean", "targets", "mask"))  # fmt: skip
         pose3d = model.encode(x2d)
         terms = {"encoder": joint_distance(pose3d, y3d, w)}
         if config.decoder_weight > 0:
             terms.update(cycle_terms(model, x2d, pose3d, clean, y3d, w, config))
         if config.symmetry_weight > 0:
             terms["symmetry"] = bone_symmetry_loss(pose3d)
-        loss = sum(weights[k] * v for k, v in terms.items())
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        if step == 1 or step % LOG_EVERY == 0 or step == config.steps:
-            losses.append({"step": step, "loss": loss.item(),
-                           **{k: v.item() for k, v in terms.items()}})  # fmt: skip
-    model.eval()
-    return FittedCyclic(model, config, losses)
+        return {"loss": sum(weights[k] * v for k, v in terms.items()), **terms}
+
+    losses = trainer.fit(step, Part(model.parameters(), config.optim), config.steps)
+    return FittedCyclic(trainer.unwrap(model).cpu(), config, losses)
 
 
 ROWS = {
@@ -328,6 +317,7 @@ METHOD = LiftMethod(
     config=CyclicConfig,
     rows=ROWS,
     fit=fit,
+    restore=restore,
     describe="Martinez et al. (ICCV 2017) residual MLP lifter per frame, with a 3D -> 2D "
     "decoder (cycle reconstruction), a left/right bone-symmetry loss and an input-2D skip "
     "into the decoder",

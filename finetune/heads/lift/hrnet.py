@@ -37,10 +37,11 @@ image_size=64 --set sigma=2``); a few hundred steps of 16 frames from random ini
 ImageNet weights and 200+ epochs; no augmentation. Batch norm: the backbone keeps timm's
 BatchNorm2d in training mode on batches of 16 frames (the smallest batch HRNet's recipes use per
 GPU), and the running statistics (momentum 0.1) are used when predicting; the lifter's
-BatchNorm1d sees the same 16 frames. Frames are read from the shards per (clip, camera, frame),
-each frame from the first window that holds it, as :func:`finetune.heads.lift.data.read_sequences`
-tiles the labels. The heatmap targets come from the shards' 2D keypoints (every train clip: 2D
-labels only); the 3D loss reads only the clips ``labelled_clips`` allows.
+BatchNorm1d sees the same 16 frames. The frames come with the labels, in one pass over the
+shards: :func:`finetune.clips.read_sequences` with ``frames=True, size=image_size`` (the
+method's ``read``) gives every sequence its frames resized to ``image_size``, the 2D keypoints
+and intrinsics following the resize. The heatmap targets come from the shards' 2D keypoints
+(every train clip: 2D labels only); the 3D loss reads only the clips ``labelled_clips`` allows.
 ``noise_px``/``drop_prob`` (detector noise on keypoint inputs) do not apply to an image input
 and must stay 0.
 """
@@ -49,40 +50,42 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from data_shards.manifest import find_splits
-from data_shards.read import ReaderConfig, ShardReader
 from data_shards.skeleton import NUM_JOINTS, ROOT
-from data_shards.transforms import Resize
-from finetune.heads.lift.base import LiftConfig, LiftData, LiftMethod, check_fields, labelled_clips
-from finetune.heads.lift.cyclic import (
-    CyclicConfig,
-    CyclicLifter,
-    bone_symmetry_loss,
+from finetune.clips import Sequence
+from finetune.heads.lift.base import (
+    QUIET,
+    FitLog,
+    LiftConfig,
+    LiftData,
+    LiftMethod,
+    check_fields,
     joint_distance,
-    lr_scale,
+    labelled_clips,
 )
-from finetune.heads.lift.data import Sequence, normalize_2d, root_relative_m
+from finetune.heads.lift.cyclic import CyclicConfig, CyclicLifter, bone_symmetry_loss
+from finetune.heads.lift.data import normalize_2d, root_relative_m
+from finetune.loop import Part
 
-LOG_EVERY = 10
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class HRNetConfig(LiftConfig):
+    """The recipe: a 2-core CPU budget (see the docstring); Adam, cosine decay (``optim``)."""
+
     steps: int = 200
+    """Optimiser steps."""
     batch_size: int = 16
     """Frames per step (also the batch norm batch)."""
-    lr: float = 1e-3
+    log_every: int = 10
+    """Steps between logged records."""
     backbone: str = "hrnet_w18_small"
     """A timm HRNet (``hrnet_w18_small``, ``hrnet_w18``, ``hrnet_w32`` ...), random init."""
     image_size: int = 32
@@ -105,8 +108,11 @@ class HRNetConfig(LiftConfig):
     width: int = 512
     """Lifter width (Martinez et al.: 1024; halved for the CPU recipe)."""
     blocks: int = 2
+    """Residual modules of two layers each in the lifter."""
     decoder_width: int = 256
+    """Decoder width."""
     decoder_blocks: int = 1
+    """Residual modules of two layers each in the decoder."""
     dropout: float = 0.25
     """Lifter dropout (Martinez et al.: 0.5; lower for a few hundred steps)."""
     predict_batch: int = 128
@@ -221,46 +227,23 @@ class ImageLifter(nn.Module):
                 "recon": self.lifter.decode(pose3d, x2d.detach())}  # fmt: skip
 
 
-# ------------------------------------------------------------------------------ frames
+# ------------------------------------------------------------------------------ data
 
 
-def read_frames(split_dir: str | Path, size: int) -> dict[tuple[str, str, int], np.ndarray]:
-    """Every frame of a split, resized to ``size``: (clip, camera, frame) -> (3, S, S) uint8,
-    each frame from the first window that holds it and clips named as
-    :func:`finetune.heads.lift.data.read_sequences` names them."""
-    config = ReaderConfig(str(split_dir), batch_size=8, shuffle=False, drop_last=False,
-                          frames="decode", masks=False, error_budget=0,
-                          transforms=(Resize(size),))  # fmt: skip
-    frames: dict[tuple[str, str, str, int], np.ndarray] = {}
-    for batch in ShardReader(config, rank=0, world_size=1):
-        images = batch["frames"].numpy()  # (B, V, T, 3, S, S)
-        for b, meta in enumerate(batch["meta"]):
-            for v, view in enumerate(meta.views):
-                for t, f in enumerate(meta.frames):
-                    key = (meta.subject, meta.clip, view.camera, int(f))
-                    if key not in frames:
-                        frames[key] = images[b, v, t].copy()
-    shared = Counter(clip for _, clip in {(s, c) for s, c, _, _ in frames})
-    return {(f"{s}/{c}" if shared[c] > 1 else c, cam, f): image
-            for (s, c, cam, f), image in frames.items()}  # fmt: skip
-
-
-def sequence_frames(sequences: list[Sequence], frames: dict) -> list[torch.Tensor]:
-    """Per sequence, its (N, 3, S, S) uint8 frames; one-line ValueError for a missing one."""
-    out = []
+def check_frames(sequences: list[Sequence], config: HRNetConfig) -> None:
+    """One-line ``ValueError`` unless every sequence carries its frames at ``image_size``."""
+    size = config.image_size
     for s in sequences:
-        keys = [(s.clip, s.camera, s.first_frame + i) for i in range(s.frames)]
-        missing = [k for k in keys if k not in frames]
-        if missing:
-            raise ValueError(f"no frame for {missing[0]} in the shards ({len(missing)} missing)")
-        out.append(torch.from_numpy(np.stack([frames[k] for k in keys])))
-    return out
+        if s.images is None or s.images.shape[1:] != (3, size, size):
+            found = "no frames" if s.images is None else f"frames {s.images.shape[1:]}"
+            raise ValueError(f"hrnet: clip {s.clip!r} ({s.split}) has {found}; read the "
+                             f"sequences with frames=True, size={size}")  # fmt: skip
 
 
-def train_set(sequences: list[Sequence], images: list[torch.Tensor], config: HRNetConfig
-              ) -> dict[str, torch.Tensor]:  # fmt: skip
+def train_set(sequences: list[Sequence], config: HRNetConfig) -> dict[str, torch.Tensor]:
     """Every train frame: images, 2D keypoints as image fractions (F, J, 2), 3D targets
     (F, J, 3) metres and a 0/1 label mask; unlabelled clips' 3D is never read (zeros)."""
+    check_frames(sequences, config)
     labelled = labelled_clips(sequences, config.labels, config.seed)
     unit, targets, mask = [], [], []
     for s in sequences:
@@ -272,7 +255,7 @@ def train_set(sequences: list[Sequence], images: list[torch.Tensor], config: HRN
     sizes = {s.image_size for s in sequences}
     if len(sizes) != 1:
         raise ValueError(f"train crops of several sizes {sorted(sizes)}; one is expected")
-    return {"images": torch.cat(images),
+    return {"images": torch.from_numpy(np.concatenate([s.images for s in sequences])),
             "unit": torch.from_numpy(np.concatenate(unit)).float(),
             "targets": torch.from_numpy(np.concatenate(targets)).float(),
             "mask": torch.from_numpy(np.concatenate(mask)), "image_size": sizes.pop()}  # fmt: skip
@@ -323,65 +306,57 @@ def total_loss(terms: dict[str, torch.Tensor], config: HRNetConfig) -> torch.Ten
 
 
 class FittedHRNet:
-    def __init__(self, model: ImageLifter, config: HRNetConfig, shards: Path,
-                 losses: list[dict]) -> None:  # fmt: skip
-        self.model, self.config, self.shards, self.losses = model, config, shards, losses
+    def __init__(self, model: ImageLifter, config: HRNetConfig, losses: list[dict]) -> None:
+        self.model, self.config, self.losses = model.eval(), config, losses
 
     @torch.no_grad()
     def predict(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
-        with torch_threads(self.config.threads):
-            return self._predict(split, sequences)
-
-    def _predict(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
-        frames = read_frames(find_splits(self.shards)[split], self.config.image_size)
-        self.model.eval()
+        """Needs the sequences' frames (read with ``frames=True, size=image_size``)."""
+        check_frames(sequences, self.config)
         out = []
-        for s, images in zip(sequences, sequence_frames(sequences, frames), strict=True):
-            chunks = [self.model(x, s.image_size)["pose3d"]
-                      for x in images.split(self.config.predict_batch)]  # fmt: skip
-            out.append(torch.cat(chunks).numpy() * 1000.0)  # metres -> mm
+        with torch_threads(self.config.threads):
+            for s in sequences:
+                images = torch.from_numpy(s.images).split(self.config.predict_batch)
+                chunks = [self.model(x, s.image_size)["pose3d"] for x in images]
+                out.append(torch.cat(chunks).numpy() * 1000.0)  # metres -> mm
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
 
-def fit(data: LiftData, config: HRNetConfig, progress: bool = False) -> FittedHRNet:
+def restore(config: HRNetConfig, state_dict: dict[str, torch.Tensor]) -> FittedHRNet:
+    model = ImageLifter(config)
+    model.load_state_dict(state_dict)
+    return FittedHRNet(model, config, [])
+
+
+def fit(data: LiftData, config: HRNetConfig, log: FitLog = QUIET) -> FittedHRNet:
     with torch_threads(config.threads):
-        return _fit(data, config, progress)
+        return _fit(data, config, log)
 
 
-def _fit(data: LiftData, config: HRNetConfig, progress: bool) -> FittedHRNet:
+def _fit(data: LiftData, config: HRNetConfig, log: FitLog) -> FittedHRNet:
     torch.manual_seed(config.seed)
-    frames = read_frames(find_splits(data.shards)["train"], config.image_size)
-    train = train_set(data.train, sequence_frames(data.train, frames), config)
-    del frames
+    train = train_set(data.train, config)
     if train["mask"].sum() == 0:
         raise ValueError("HRNetConfig.labels: the encoder loss needs at least one labelled clip")
-    model = ImageLifter(config)
-    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_scale(s, config.steps))
+    trainer = log.trainer(config)
+    model = trainer.prepare(ImageLifter(config))
     generator = torch.Generator().manual_seed(config.seed)
     count = len(train["images"])
     batch = min(config.batch_size, count)
-    losses: list[dict] = []
-    model.train()
-    for step in tqdm(range(1, config.steps + 1), desc="hrnet", disable=not progress):
+
+    def step(i: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(count, (batch,), generator=generator)
-        out = model(train["images"][idx], train["image_size"])
-        batch_data = {k: train[k][idx] for k in ("unit", "targets", "mask")}
-        terms = loss_terms(model, out, {**batch_data, "image_size": train["image_size"]},
-                           config)  # fmt: skip
-        loss = total_loss(terms, config)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        if step == 1 or step % LOG_EVERY == 0 or step == config.steps:
-            losses.append({"step": step, "loss": loss.item(),
-                           **{k: v.item() for k, v in terms.items()}})  # fmt: skip
-    model.eval()
-    return FittedHRNet(model, config, Path(data.shards), losses)
+        out = model(train["images"][idx].to(trainer.device), train["image_size"])
+        drawn = {k: train[k][idx].to(trainer.device) for k in ("unit", "targets", "mask")}
+        terms = loss_terms(trainer.unwrap(model), out,
+                           {**drawn, "image_size": train["image_size"]}, config)  # fmt: skip
+        return {"loss": total_loss(terms, config), **terms}
+
+    losses = trainer.fit(step, Part(model.parameters(), config.optim), config.steps)
+    return FittedHRNet(trainer.unwrap(model).cpu(), config, losses)
 
 
 HEATMAPS = {"heatmap_weight": 100.0}
@@ -398,6 +373,8 @@ METHOD = LiftMethod(
     config=HRNetConfig,
     rows=ROWS,
     fit=fit,
+    restore=restore,
+    read=lambda config: {"frames": True, "size": config.image_size},
     describe="HRNet (timm hrnet_w18_small, random init) heatmaps on the rendered frames -> "
     "soft-argmax with a learned temperature -> the cyclic 2D -> 3D autoencoder, end to end",
 )

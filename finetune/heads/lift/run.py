@@ -1,38 +1,40 @@
 """`posebert finetune lift --method M --shards DIR --out OUT`: train and score a lifting method.
 
 Every row of the method's ablation (``--rows`` picks some) is trained on the train clips and
-scored on each held-out split (val, test) with :mod:`finetune.evaluation.metrics`: MPJPE, P-MPJPE,
-N-MPJPE (mm, 17 joints, root-relative in the camera's coordinates) and MPJVE (mm per frame,
-within each sequence), overall and per action. Rows are saved one by one under OUT/rows/, so a
-rerun continues with the rows not yet done (a row whose config changed is trained again; the
-code version is not part of that check). OUT/lift.json, OUT/lift.md (the table with the
-command of every row) and OUT/lift.png (loss curves and the MPJPE of every row); each row's
-weights as OUT/rows/<row>.safetensors (and OUT/rows/<row>.png where the method draws one,
-e.g. the VAE-GAN latent space). A row whose loss or predictions turn non-finite stops the run
-with one line naming it, and saves nothing of that row.
+scored on each held-out split (val, test) with :func:`finetune.evaluation.metrics.score_sequences`:
+MPJPE, P-MPJPE, N-MPJPE (mm, 17 joints, root-relative in the camera's coordinates) and MPJVE
+(mm per frame, within each sequence), overall (``all``) and per action (``per_action``). Rows
+are saved one by one under OUT/rows/, so a rerun continues with the rows not yet done (a row
+whose config changed is trained again; the code version is not part of that check); each
+trained row logs to OUT/rows/<row>/ (metrics.jsonl + tensorboard, the layout of every
+fine-tuning run). OUT/lift.json, OUT/lift.md (the table with the command of every row) and
+OUT/lift.png (loss curves and the MPJPE of every row) are written by
+:func:`finetune.report.write_stage`; each row's weights as OUT/rows/<row>.safetensors (and
+OUT/rows/<row>.png where the method draws one, e.g. the VAE-GAN latent space), which
+:func:`load_row` turns back into a model that predicts. A row whose loss or predictions turn
+non-finite stops the run with one line naming it, and saves nothing of that row.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import shlex
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_shards.configtools import apply_overrides
+from data_shards.configtools import from_dict, resolve, to_dict
 from data_shards.manifest import atomic_write_text
-from finetune.evaluation import metrics
-from finetune.heads.lift.base import LiftData, LiftMethod, get_method
-from finetune.heads.lift.data import Sequence, check_joints, read_splits, root_relative_m
-from finetune.report import md_table, pyplot, save_figure
-
-METRICS = ("mpjpe", "p_mpjpe", "n_mpjpe", "mpjve")
+from finetune.clips import read_splits
+from finetune.evaluation.metrics import score_sequences
+from finetune.heads.lift.base import FitLog, Fitted, LiftData, LiftMethod, get_method
+from finetune.heads.lift.data import check_joints, root_relative_m
+from finetune.report import md_table, pyplot, write_stage
 
 
 def parse_rows(method: LiftMethod, text: str | None) -> list[str]:
@@ -48,35 +50,67 @@ def parse_rows(method: LiftMethod, text: str | None) -> list[str]:
 
 def build_config(method: LiftMethod, row: str, overrides: list[str]):
     """The method's recipe, the row's changes, then the user's ``--set`` overrides."""
-    config = method.config(**method.rows[row])
-    return apply_overrides(config, overrides) if overrides else config
-
-
-def score(preds: list[np.ndarray], sequences: list[Sequence]) -> dict:
-    """Metrics over every frame of the sequences, overall (``all``) and per action."""
-    out: dict[str, dict] = {}
-    groups: dict[str, list[int]] = {"all": list(range(len(sequences)))}
-    for i, s in enumerate(sequences):
-        groups.setdefault(s.action, []).append(i)
-    for name, idx in groups.items():
-        pred = np.concatenate([preds[i] for i in idx]).astype(np.float64)
-        true = np.concatenate([root_relative_m(sequences[i].pose3d) * 1000 for i in idx])
-        vel = [float(metrics.mpjve(preds[i][None].astype(np.float64),
-                                   root_relative_m(sequences[i].pose3d)[None] * 1000))
-               for i in idx if len(preds[i]) > 1]  # fmt: skip
-        frames = [len(preds[i]) - 1 for i in idx if len(preds[i]) > 1]
-        out[name] = {
-            "mpjpe": float(metrics.mpjpe(pred, true)),
-            "p_mpjpe": float(metrics.p_mpjpe(pred, true)),
-            "n_mpjpe": float(metrics.n_mpjpe(pred, true)),
-            "mpjve": float(np.average(vel, weights=frames)) if vel else None,
-            "frames": int(len(pred)),
-        }
-    return out
+    return resolve(method.config(**method.rows[row]), overrides)
 
 
 def _slug(row: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", row).strip("_") or "row"
+
+
+def score_split(fitted: Fitted, split: str, sequences: list) -> dict:
+    """The fitted row's predictions on a held-out split, scored against the sequences' 3D."""
+    preds = fitted.predict(split, sequences)
+    if not all(np.isfinite(p).all() for p in preds):
+        raise ValueError(f"non-finite predictions on {split}")
+    return score_sequences(preds, [root_relative_m(s.pose3d) * 1000 for s in sequences],
+                           [s.action for s in sequences])  # fmt: skip
+
+
+def _read(method: LiftMethod, shards, configs: dict) -> dict[str, LiftData]:
+    """Per row, the data its config reads; rows that read alike share one pass."""
+    passes: dict[str, LiftData] = {}
+    out = {}
+    for row, config in configs.items():
+        kwargs = method.read(config)
+        key = json.dumps(kwargs, sort_keys=True)
+        if key not in passes:
+            passes[key] = LiftData(Path(shards), read_splits(shards, **kwargs))
+            for sequences in passes[key].splits.values():
+                check_joints(sequences)
+        out[row] = passes[key]
+    return out
+
+
+def train_row(method: LiftMethod, row: str, config, data: LiftData, out: Path,
+              progress: bool) -> dict:  # fmt: skip
+    """Train one row, score it on every held-out split and save it (OUT/rows/<row>.json,
+    .safetensors and the method's figure); its log in OUT/rows/<row>/."""
+    print(f"[lift {method.name}] {row}: training ({config})", flush=True)
+    log_dir = out / "rows" / _slug(row)
+    shutil.rmtree(log_dir, ignore_errors=True)  # a retrained row starts a fresh log
+    log = FitLog(f"lift {method.name}, row {row!r}", log_dir, progress)
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+    fitted = method.fit(data, config, log)
+    seconds = time.perf_counter() - t0
+    heldout = {s: seqs for s, seqs in data.splits.items() if s != "train"}
+    with torch.no_grad():
+        try:
+            scores = {s: score_split(fitted, s, seqs) for s, seqs in heldout.items()}
+        except ValueError as e:
+            raise ValueError(f"lift {method.name}, row {row!r}: {e}; nothing of this row was "
+                             "saved") from None  # fmt: skip
+    from safetensors.torch import save_file
+
+    weights = {k: v.detach().cpu().contiguous() for k, v in fitted.state_dict().items()}
+    save_file(weights, str(out / "rows" / f"{_slug(row)}.safetensors"))
+    if method.figure is not None:
+        method.figure(fitted, [s for seqs in data.splits.values() for s in seqs],
+                      out / "rows" / f"{_slug(row)}.png")  # fmt: skip
+    result = {"method": method.name, "config": to_dict(config), "seconds": round(seconds, 1),
+              "scores": scores, "losses": fitted.losses}  # fmt: skip
+    atomic_write_text(out / "rows" / f"{_slug(row)}.json", json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def run_lift(method_name: str, shards: str | os.PathLike, out_dir: str | os.PathLike,
@@ -87,52 +121,19 @@ def run_lift(method_name: str, shards: str | os.PathLike, out_dir: str | os.Path
     chosen = parse_rows(method, rows)
     overrides = list(overrides or [])
     configs = {row: build_config(method, row, overrides) for row in chosen}  # bad --set: now
-    data = LiftData(Path(shards), read_splits(shards))
-    for sequences in data.splits.values():
-        check_joints(sequences)
-    heldout = [s for s in data.splits if s != "train"]
+    data = _read(method, shards, configs)
+    heldout = [s for s in data[chosen[0]].splits if s != "train"]
     out = Path(out_dir)
     (out / "rows").mkdir(parents=True, exist_ok=True)
     results = {}
     for row in chosen:
         path = out / "rows" / f"{_slug(row)}.json"
-        config = configs[row]
-        settings = json.loads(json.dumps(dataclasses.asdict(config)))  # as saved: lists
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved["config"] == settings:
-                print(f"[lift {method.name}] {row}: done already ({path})", flush=True)
-                results[row] = saved | {"command": _command(method, row, shards, out, overrides)}
-                continue
-        print(f"[lift {method.name}] {row}: training ({config})", flush=True)
-        torch.manual_seed(config.seed)
-        t0 = time.perf_counter()
-        fitted = method.fit(data, config, progress)
-        seconds = time.perf_counter() - t0
-        bad = next((c["step"] for c in fitted.losses
-                    if not all(np.isfinite(v) for v in c.values())), None)  # fmt: skip
-        if bad is not None:
-            raise ValueError(f"lift {method.name}, row {row!r}: non-finite loss at step {bad}; "
-                             "nothing of this row was saved (try a lower lr)")  # fmt: skip
-        scores = {}
-        with torch.no_grad():
-            for split in heldout:
-                preds = fitted.predict(split, data.splits[split])
-                if not all(np.isfinite(p).all() for p in preds):
-                    raise ValueError(f"lift {method.name}, row {row!r}: non-finite predictions "
-                                     f"on {split}; nothing of this row was saved")  # fmt: skip
-                scores[split] = score(preds, data.splits[split])
-        from safetensors.torch import save_file
-
-        weights = {k: v.detach().cpu().contiguous() for k, v in fitted.state_dict().items()}
-        save_file(weights, str(out / "rows" / f"{_slug(row)}.safetensors"))
-        if method.figure is not None:
-            method.figure(fitted, [s for seqs in data.splits.values() for s in seqs],
-                          out / "rows" / f"{_slug(row)}.png")  # fmt: skip
-        results[row] = {"config": settings, "seconds": round(seconds, 1), "scores": scores,
-                        "losses": fitted.losses, "command": _command(method, row, shards,
-                                                                     out, overrides)}  # fmt: skip
-        atomic_write_text(path, json.dumps(results[row], indent=1) + "\n")
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if saved.get("config") == to_dict(configs[row]):
+            print(f"[lift {method.name}] {row}: done already ({path})", flush=True)
+        else:
+            saved = train_row(method, row, configs[row], data[row], out, progress)
+        results[row] = saved | {"command": _command(method, row, shards, out, overrides)}
     result = {
         "method": method.name,
         "describe": method.describe,
@@ -143,10 +144,25 @@ def run_lift(method_name: str, shards: str | os.PathLike, out_dir: str | os.Path
                                "and dropped joints"},
         "rows": {row: {k: v for k, v in r.items() if k != "losses"} for row, r in results.items()},
     }  # fmt: skip
-    atomic_write_text(out / "lift.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(out / "lift.md", markdown_table(result))
-    plot(result, {row: r["losses"] for row, r in results.items()}, out / "lift.png")
-    return result
+    figure = lift_figure(result, {row: r["losses"] for row, r in results.items()})
+    return write_stage(out, "lift", result, markdown_table(result), figures={"lift": figure})
+
+
+def load_row(out_dir: str | os.PathLike, row: str) -> Fitted:
+    """A saved row (OUT/rows/<row>.json + .safetensors) rebuilt by its method's ``restore``:
+    ``predict(split, sequences)`` gives what the fitted row gave (the image head needs the
+    sequences read with its frames: ``read_splits(shards, **method.read(fitted.config))``)."""
+    path = Path(out_dir) / "rows" / f"{_slug(row)}.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no saved row {row!r} (run posebert finetune lift first)")
+    saved = json.loads(path.read_text())
+    method = get_method(saved["method"])
+    config = from_dict(method.config, saved["config"])
+    from safetensors.torch import load_file
+
+    fitted = method.restore(config, load_file(str(path.with_suffix(".safetensors"))))
+    fitted.losses = saved["losses"]
+    return fitted
 
 
 def _command(method: LiftMethod, row: str, shards, out: Path, overrides: list[str]) -> str:
@@ -175,7 +191,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, losses: dict[str, list[dict]], path: Path) -> Path:
+def lift_figure(result: dict, losses: dict[str, list[dict]]):
     """Left: each row's total loss per step; right: MPJPE per row and held-out split."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -198,4 +214,4 @@ def plot(result: dict, losses: dict[str, list[dict]], path: Path) -> Path:
     right.legend(fontsize=8)
     fig.suptitle(f"lifting: {result['method']}")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig

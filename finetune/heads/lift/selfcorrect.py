@@ -26,26 +26,31 @@ import dataclasses
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from data_shards.skeleton import NUM_JOINTS, ROOT
+from finetune.clips import Sequence
 from finetune.heads.lift.base import (
+    QUIET,
+    FitLog,
     LiftConfig,
     LiftData,
     LiftMethod,
     check_fields,
+    joint_distance,
     labelled_clips,
     model_inputs,
 )
-from finetune.heads.lift.cyclic import frame_inputs, joint_distance, lr_scale
-from finetune.heads.lift.data import Sequence, root_relative_m
+from finetune.heads.lift.cyclic import frame_inputs
+from finetune.heads.lift.data import root_relative_m
+from finetune.loop import Part
 
-LOG_EVERY = 25
 
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SelfCorrectConfig(LiftConfig):
+    """The recipe: Adam with a cosine decay (``optim``) for the projector, then the lifter."""
+
     steps: int = 500
+    """Optimiser steps of the lifter."""
     batch_size: int = 16
     """Windows per step."""
     window: int = 32
@@ -59,6 +64,7 @@ class SelfCorrectConfig(LiftConfig):
     bidirectional: bool = True
     """True: each frame sees its whole window (not causal); False: only past frames (causal)."""
     projector_width: int = 256
+    """Width of the projector's five hidden layers."""
     projector_steps: int = 1000
     """Steps that fit the 3D -> 2D projector on the labelled clips before it is frozen."""
     correction_weight: float = 0.0
@@ -168,41 +174,34 @@ def sample_windows(clips: Clips, indices: list[int], count: int, window: int,
 
 
 def fit_projector(clips: Clips, labelled: list[int], config: SelfCorrectConfig,
-                  progress: bool) -> tuple[Projector, list[dict]]:  # fmt: skip
-    """Fits the projector on the labelled frames' (3D, 2D) pairs, then freezes it."""
-    projector = Projector(config.projector_width)
+                  log: FitLog = QUIET) -> tuple[Projector, list[dict]]:  # fmt: skip
+    """Fits the projector on the labelled frames' (3D, 2D) pairs (``projector_steps`` of the
+    config's optimiser and schedule), then freezes it; logged as the ``projector`` part."""
+    trainer = log.trainer(config, "projector")
+    projector = trainer.prepare(Projector(config.projector_width))
     pose3d = torch.cat([clips.targets[i][clips.valid[i] > 0] for i in labelled])
     pose2d = torch.cat([clips.inputs[i][clips.valid[i] > 0] for i in labelled])
-    optimiser = torch.optim.Adam(projector.parameters(), lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: lr_scale(s, config.projector_steps)
-    )
     generator = torch.Generator().manual_seed(config.seed + 1)
     batch = min(256, len(pose3d))
-    losses = []
-    for step in tqdm(range(1, config.projector_steps + 1), desc="selfcorrect projector",
-                     disable=not progress):  # fmt: skip
+
+    def step(i: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(len(pose3d), (batch,), generator=generator)
-        loss = joint_distance(projector(pose3d[idx]), pose2d[idx])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        if step == 1 or step % LOG_EVERY == 0 or step == config.projector_steps:
-            losses.append({"step": step, "projector": loss.item()})
-    projector.requires_grad_(False).eval()
-    return projector, losses
+        x, y = pose3d[idx].to(trainer.device), pose2d[idx].to(trainer.device)
+        return {"projector": joint_distance(projector(x), y)}
+
+    losses = trainer.fit(step, Part(projector.parameters(), config.optim, loss="projector"),
+                         config.projector_steps)  # fmt: skip
+    return trainer.unwrap(projector).cpu().requires_grad_(False).eval(), losses
 
 
 class FittedSelfCorrect:
     def __init__(self, lifter: TemporalLifter, projector: Projector, config: SelfCorrectConfig,
                  losses: list[dict], projector_losses: list[dict]) -> None:  # fmt: skip
-        self.lifter, self.projector, self.config = lifter, projector, config
+        self.lifter, self.projector, self.config = lifter.eval(), projector, config
         self.losses, self.projector_losses = losses, projector_losses
 
     @torch.no_grad()
     def predict(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
-        self.lifter.eval()
         return [lift_sequence(self.lifter, frame_inputs(px, s.image_size), self.config.window)
                 * 1000.0 for s, px in zip(sequences, model_inputs(sequences, self.config, split),
                                           strict=True)]  # fmt: skip
@@ -231,41 +230,47 @@ def lift_sequence(lifter: TemporalLifter, x2d: np.ndarray, window: int) -> np.nd
     return (total / count).numpy()
 
 
-def fit(data: LiftData, config: SelfCorrectConfig, progress: bool = False) -> FittedSelfCorrect:
+def restore(config: SelfCorrectConfig, state_dict: dict[str, torch.Tensor]
+            ) -> FittedSelfCorrect:  # fmt: skip
+    lifter, projector = TemporalLifter(config), Projector(config.projector_width)
+    for prefix, module in (("lifter.", lifter), ("projector.", projector)):
+        module.load_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items()
+                                if k.startswith(prefix)})  # fmt: skip
+    return FittedSelfCorrect(lifter.eval(), projector.requires_grad_(False).eval(), config,
+                             [], [])  # fmt: skip
+
+
+def fit(data: LiftData, config: SelfCorrectConfig, log: FitLog = QUIET) -> FittedSelfCorrect:
     torch.manual_seed(config.seed)
     clips = train_clips(data.train, config)
     labelled = [i for i, t in enumerate(clips.targets) if t is not None]
     everything = list(range(len(clips.inputs)))
-    projector, projector_losses = (fit_projector(clips, labelled, config, progress)
+    unlabelled = Clips(clips.inputs, [None] * len(everything), clips.valid)  # 2D only
+    projector, projector_losses = (fit_projector(clips, labelled, config, log)
                                    if config.correction_weight > 0
                                    else (Projector(config.projector_width), []))  # fmt: skip
-    lifter = TemporalLifter(config)
-    optimiser = torch.optim.Adam(lifter.parameters(), lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_scale(s, config.steps))
+    trainer = log.trainer(config)
+    lifter = trainer.prepare(TemporalLifter(config))
+    projector = projector.to(trainer.device)
     generator = torch.Generator().manual_seed(config.seed)
-    losses: list[dict] = []
-    lifter.train()
-    for step in tqdm(range(1, config.steps + 1), desc="selfcorrect", disable=not progress):
-        x, y, w = sample_windows(clips, labelled, config.batch_size, config.window, generator)
+
+    def step(i: int) -> dict[str, torch.Tensor]:
+        x, y, w = (t.to(trainer.device) for t in sample_windows(
+            clips, labelled, config.batch_size, config.window, generator))  # fmt: skip
         terms = {"supervised": joint_distance(lifter(x).flatten(0, 1), y.flatten(0, 1),
                                               w.flatten())}  # fmt: skip
         if config.correction_weight > 0:  # every clip, its 2D only (y is never drawn here)
-            xu, _, wu = sample_windows(Clips(clips.inputs, [None] * len(everything),
-                                             clips.valid), everything, config.batch_size,
+            xu, _, wu = sample_windows(unlabelled, everything, config.batch_size,
                                        config.window, generator)  # fmt: skip
-            reprojected = projector(lifter(xu))
-            terms["correction"] = joint_distance(reprojected.flatten(0, 1), xu.flatten(0, 1),
-                                                 wu.flatten())  # fmt: skip
+            xu, wu = xu.to(trainer.device), wu.to(trainer.device)
+            terms["correction"] = joint_distance(projector(lifter(xu)).flatten(0, 1),
+                                                 xu.flatten(0, 1), wu.flatten())  # fmt: skip
         loss = terms["supervised"] + config.correction_weight * terms.get("correction", 0.0)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        if step == 1 or step % LOG_EVERY == 0 or step == config.steps:
-            losses.append({"step": step, "loss": loss.item(),
-                           **{k: v.item() for k, v in terms.items()}})  # fmt: skip
-    lifter.eval()
-    return FittedSelfCorrect(lifter, projector, config, losses, projector_losses)
+        return {"loss": loss, **terms}
+
+    losses = trainer.fit(step, Part(lifter.parameters(), config.optim), config.steps)
+    return FittedSelfCorrect(trainer.unwrap(lifter).cpu(), projector.cpu(), config, losses,
+                             projector_losses)  # fmt: skip
 
 
 ROWS = {
@@ -280,6 +285,7 @@ METHOD = LiftMethod(
     config=SelfCorrectConfig,
     rows=ROWS,
     fit=fit,
+    restore=restore,
     describe="Wang et al. (TPAMI 2019) self-correcting 2D-3D-2D lifting: per-frame MLP + "
     "bidirectional LSTM over 32-frame windows, a six-layer 3D -> 2D projector fitted on the "
     "labelled clips then frozen, and a reprojection (correction) loss on every clip",

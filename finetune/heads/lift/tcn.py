@@ -6,8 +6,8 @@ Reproduced: the dilated temporal convolutions over 2D keypoint sequences
 single-frame targets with the strided ``TemporalModelOptimized1f`` on random frames with their
 receptive-field context, and evaluated with the dilated model on the same weights over whole
 sequences padded with their edge frames (all on the left when ``causal``). Adam (amsgrad),
-exponential learning-rate decay, batch-norm momentum decayed from 0.1 to 0.001, horizontal
-flips in training and as test-time augmentation, MPJPE loss in metres; as the paper.
+exponential learning-rate decay (``optim``), batch-norm momentum decayed from 0.1 to 0.001,
+horizontal flips in training and as test-time augmentation, MPJPE loss in metres; as the paper.
 
 Semi-supervised (paper section 4): a second TCN predicts the root's camera position; on the
 labelled clips it is trained with the 1/depth-weighted trajectory MPJPE, on the unlabelled
@@ -35,10 +35,13 @@ import dataclasses
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data_shards.skeleton import BONES, ROOT, flip_permutation
+from finetune.clips import Sequence
+from finetune.evaluation.metrics import mpjpe
 from finetune.heads.lift.base import (
+    QUIET,
+    FitLog,
     LiftConfig,
     LiftData,
     LiftMethod,
@@ -46,22 +49,29 @@ from finetune.heads.lift.base import (
     labelled_clips,
     model_inputs,
 )
-from finetune.heads.lift.data import Sequence, normalize_2d, root_relative_m
+from finetune.heads.lift.data import normalize_2d, root_relative_m
 from finetune.heads.lift.videopose3d import (
     TCNShape,
     TemporalModel,
     TemporalModelOptimized1f,
     pad_sequence,
 )
+from finetune.loop import OptimConfig, Part
+from pretrain.engine.schedules import LRSchedule
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TCNConfig(LiftConfig):
     """The recipe; the paper's values where the demo's CPU budget allows (see the docstring)."""
 
     steps: int = 400
-    lr: float = 3e-3
-    """The paper's 1e-3 is for 1024-frame batches over ~60 epochs; 400 steps of 128 need more."""
+    """Optimiser steps."""
+    optim: OptimConfig = OptimConfig(kind="adam", lr=3e-3, amsgrad=True,
+                                     schedule=LRSchedule(decay="exponential",
+                                                         min_lr_ratio=0.05))  # fmt: skip
+    """Adam (amsgrad), exponential decay to 5% of the peak at the last step (the paper's 0.95
+    per epoch over ~60 epochs); the paper's peak 1e-3 is for 1024-frame batches, 400 steps of
+    128 frames need 3e-3."""
     batch_size: int = 128
     """Frames per step (labelled; as many unlabelled again when ``semi``); the paper: 1024."""
     filter_widths: tuple[int, ...] = (3, 3, 3)
@@ -69,11 +79,9 @@ class TCNConfig(LiftConfig):
     channels: int = 128
     """Width of every block; the paper's value is 1024, the recipe takes 128 for CPU time."""
     dropout: float = 0.25
+    """Dropout after every block (the paper's 0.25)."""
     causal: bool = False
     """Output at t reads frames <= t only (all the padding on the left)."""
-    lr_final: float = 0.05
-    """Learning rate at the last step, as a share of ``lr`` (exponential decay; the paper's
-    0.95 per epoch over ~60 epochs)."""
     flip: bool = True
     """Horizontal flips: random in training, averaged with the unflipped pass at test time."""
     semi: bool = False
@@ -81,17 +89,16 @@ class TCNConfig(LiftConfig):
     warmup: float = 0.2
     """Share of the steps trained on labelled data alone before the unlabelled terms start."""
     bone_weight: float = 1.0
-    log_every: int = 25
+    """Weight of the bone-length term of the unlabelled objective."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.filter_widths = tuple(self.filter_widths)
+        object.__setattr__(self, "filter_widths", tuple(self.filter_widths))  # lists from Python
         checks = {
             "filter_widths": len(self.filter_widths) >= 1
             and all(isinstance(w, int) and w >= 1 and w % 2 == 1 for w in self.filter_widths),
             "channels": self.channels >= 1, "dropout": 0 <= self.dropout < 1,
-            "lr_final": 0 < self.lr_final <= 1, "warmup": 0 <= self.warmup < 1,
-            "bone_weight": self.bone_weight >= 0, "log_every": self.log_every >= 1,
+            "warmup": 0 <= self.warmup < 1, "bone_weight": self.bone_weight >= 0,
             "labels": self.labels > 0,  # a supervised loss needs at least one clip
         }  # fmt: skip
         check_fields(self, checks)
@@ -104,10 +111,6 @@ class TCNConfig(LiftConfig):
             dropout=self.dropout,
             causal=self.causal,
         )
-
-
-def learning_rate(step: int, config: TCNConfig) -> float:
-    return config.lr * config.lr_final ** (step / config.steps)
 
 
 def bn_momentum(step: int, config: TCNConfig) -> float:
@@ -186,11 +189,6 @@ def _flip(b: dict[str, torch.Tensor], which: torch.Tensor) -> dict[str, torch.Te
 # ------------------------------------------------------------------------------ losses
 
 
-def mpjpe_m(pred: torch.Tensor, true: torch.Tensor, weight: torch.Tensor | None = None):
-    err = (pred - true).norm(dim=-1)
-    return (err * weight).mean() if weight is not None else err.mean()
-
-
 def reprojection(pose: torch.Tensor, traj: torch.Tensor, ray: torch.Tensor,
                  scale: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """Mean 2D distance (screen-normalised units, as the paper) between the 2D input and the
@@ -242,25 +240,25 @@ def _step_losses(pos, traj, lab: dict, unl: dict | None, config: TCNConfig
     n = len(lab["screen"])
     screen = lab["screen"] if unl is None else torch.cat([lab["screen"], unl["screen"]])
     pred = pos(screen)[:, 0]  # (B, J, 3): one output per receptive-field window
-    terms = {"loss_3d": mpjpe_m(pred[:n], lab["pose"])}
+    terms = {"loss_3d": mpjpe(pred[:n], lab["pose"])}
     if traj is None:
         return terms
     rays = lab["rays"] if unl is None else torch.cat([lab["rays"], unl["rays"]])
-    root = traj(rays)[:, 0, 0]  # (B, 3) camera metres
-    terms["loss_traj"] = mpjpe_m(root[:n], lab["traj"], 1 / lab["traj"][:, 2])
+    root = traj(rays)[:, 0]  # (B, 1, 3) camera metres: the root as a one-joint pose
+    err = mpjpe(root[:n], lab["traj"][:, None], reduce="none")  # (B,)
+    terms["loss_traj"] = (err * (1 / lab["traj"][:, 2])).mean()  # weighted by 1 / depth
     if unl is not None:
         rel = pred[n:] - pred[n:, ROOT : ROOT + 1]  # the trajectory model owns the root
-        terms["loss_2d"] = reprojection(rel, root[n:], unl["ray"], unl["scale"])
+        terms["loss_2d"] = reprojection(rel, root[n:, 0], unl["ray"], unl["scale"])
         lengths = bone_lengths(pred)
         terms["loss_bone"] = config.bone_weight * (
             lengths[n:].mean(0) - lengths[:n].mean(0)).abs().mean()  # fmt: skip
     return terms
 
 
-def fit(data: LiftData, config: TCNConfig, progress: bool = True) -> FittedTCN:
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    train = data.train
+def _pools(train: list[Sequence], config: TCNConfig) -> tuple[_Pool, _Pool | None]:
+    """The labelled pool and, when ``semi`` and some clip is unlabelled, the unlabelled one
+    (built without reading ``pose3d``)."""
     inputs = model_inputs(train, config, "train")
     chosen = labelled_clips(train, config.labels, config.seed)
     split = [[i for i, s in enumerate(train) if (s.clip in chosen) == flag] for flag in (1, 0)]
@@ -268,40 +266,53 @@ def fit(data: LiftData, config: TCNConfig, progress: bool = True) -> FittedTCN:
     unl = None
     if config.semi and split[1]:
         unl = _Pool([train[i] for i in split[1]], [inputs[i] for i in split[1]], config, False)
-    pos = TemporalModelOptimized1f(config.shape())
-    traj = TemporalModelOptimized1f(config.shape(joints_out=1)) if config.semi else None
+    return lab, unl
+
+
+def fit(data: LiftData, config: TCNConfig, log: FitLog = QUIET) -> FittedTCN:
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    lab, unl = _pools(data.train, config)
+    trainer = log.trainer(config)
+    pos = trainer.prepare(TemporalModelOptimized1f(config.shape()))
+    traj = trainer.prepare(TemporalModelOptimized1f(config.shape(joints_out=1))) \
+        if config.semi else None  # fmt: skip
     params = [*pos.parameters(), *(traj.parameters() if traj else [])]
-    opt = torch.optim.Adam(params, lr=config.lr, amsgrad=True)
-    losses: list[dict[str, float]] = []
     start_semi = int(config.warmup * config.steps)
-    bar = tqdm(range(config.steps), disable=not progress, desc="tcn", leave=False)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(step, config)
+
+    def batch(pool: _Pool) -> dict[str, torch.Tensor]:
+        drawn = pool.batch(config.batch_size, gen, config.flip)
+        return {k: v.to(trainer.device) for k, v in drawn.items()}
+
+    def step(i: int) -> dict[str, torch.Tensor]:
         for model in (pos, traj):
             if model is not None:
-                model.train().set_bn_momentum(bn_momentum(step, config))
-        semi_now = unl is not None and step >= start_semi
-        terms = _step_losses(pos, traj, lab.batch(config.batch_size, gen, config.flip),
-                             unl.batch(config.batch_size, gen, config.flip) if semi_now else None,
-                             config)  # fmt: skip
-        loss = sum(terms.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % config.log_every == 0 or step == config.steps - 1:
-            losses.append({"step": step, "loss": loss.item(),
-                           **{k: v.item() for k, v in terms.items()}})  # fmt: skip
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    return FittedTCN(_sequence_model(pos), _sequence_model(traj) if traj else None, config,
-                     losses)  # fmt: skip
+                trainer.unwrap(model).set_bn_momentum(bn_momentum(i, config))
+        semi_now = unl is not None and i >= start_semi
+        terms = _step_losses(pos, traj, batch(lab), batch(unl) if semi_now else None, config)
+        return {"loss": sum(terms.values()), **terms}
+
+    losses = trainer.fit(step, Part(params, config.optim), config.steps)
+    traj_model = _sequence_model(trainer.unwrap(traj)) if traj is not None else None
+    return FittedTCN(_sequence_model(trainer.unwrap(pos)), traj_model, config, losses)
 
 
 def _sequence_model(trained: TemporalModelOptimized1f) -> TemporalModel:
-    """The dilated model holding the strided model's weights (the same state dict)."""
+    """The dilated model holding the strided model's weights (the same state dict), on CPU."""
     model = TemporalModel(trained.shape)
     model.load_state_dict(trained.state_dict())
     return model.eval()
+
+
+def restore(config: TCNConfig, state_dict: dict[str, torch.Tensor]) -> FittedTCN:
+    models = {}
+    for prefix, joints in (("model_pos.", 17), ("model_traj.", 1)):
+        weights = {k.removeprefix(prefix): v for k, v in state_dict.items()
+                   if k.startswith(prefix)}  # fmt: skip
+        if weights:
+            models[prefix] = TemporalModel(config.shape(joints_out=joints)).eval()
+            models[prefix].load_state_dict(weights)
+    return FittedTCN(models["model_pos."], models.get("model_traj."), config, [])
 
 
 ROWS = {
@@ -317,6 +328,7 @@ METHOD = LiftMethod(
     config=TCNConfig,
     rows=ROWS,
     fit=fit,
+    restore=restore,
     describe="VideoPose3D (Pavllo et al., CVPR 2019): dilated temporal convolutions over 2D "
     "keypoints, single-frame strided training, semi-supervised back-projection; "
     "128 channels (paper 1024).",

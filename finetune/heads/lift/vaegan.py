@@ -13,28 +13,23 @@ discriminator that only ever sees real 2D. Here the lifter is a VAE (the issue's
   ``beta(step)`` x KL(q(z|x) || N(0, I)), ``lambda_disc`` x the non-saturating GAN loss of the
   rotated projections (azimuth uniform in [-pi, pi) about the camera's y axis, the image's
   vertical). Gradients of the lifter and of the discriminator are clipped to a norm of
-  ``clip_norm`` (1.0) each, every step.
+  ``optim.clip_norm`` (1.0) each, every step.
 - beta (:func:`kl_beta`): 0 for ``warmup_epochs`` (issue: 10), then cyclical annealing (Fu
   et al. 2019): every ``cycle_epochs`` (issue: 40) it ramps linearly from 0 to
   ``lambda_kld`` over the first ``kl_ramp`` share of the cycle and holds. An epoch is one
   pass over the train frames: ``ceil(train frames / batch_size)`` steps. The CPU recipe
   (500 steps of 64 frames, ~6 epochs of the demo) scales the issue's 10 / 40 epochs to
   1 / 4; ``--set warmup_epochs=10 --set cycle_epochs=40`` restores them. Adam with betas
-  (0.5, 0.999) for both players.
+  (0.5, 0.999) and a constant learning rate for both players (``optim``), the generator
+  stepped first, then the discriminator (two parts of :class:`finetune.loop.Trainer`).
 - Rows: "unsupervised", "unsupervised (no KL)" (lambda_kld 0), "unsupervised (no
   adversarial)" (lambda_disc 0), "supervised reference" (no commas: ``--rows`` splits on them).
 
 Decisions of this module:
 
-- Joints: the 17-joint skeleton without the nose (joint 9); the head top hangs on the thorax.
-  The nose is filled for the 17-joint output by a rigid head taken from the mocap character's
-  rest pose (:func:`rest_pose_m`): a fixed offset from the thorax along "up" (thorax -> head)
-  and "forward" (left shoulder - right shoulder, crossed with up), in units of the thorax-head
-  length. Whether the head turns against the chest is not seen from these 16 joints.
-- Projection: weak perspective (scaled orthographic) on normalised 2D. Input: VideoPose3D
-  screen coordinates, root-relative, divided by their RMS distance from the pelvis. The decoder
-  predicts x, y and depth of every joint (pelvis moved to the origin); the projection is (x, y),
-  renormalised to RMS 1 before the discriminator sees it.
+- Joints and projection: 16 joints (no nose; it is filled back from a rigid head) and weak
+  perspective on RMS-normalised 2D (:mod:`finetune.heads.lift.geometry16`). The decoder
+  predicts x, y and depth of every joint (pelvis moved to the origin).
 - Scale: monocular unsupervised 3D is defined up to scale, so each predicted pose is scaled to
   the mean bone length of the DeepMimic character's rest pose (0.267 m, a constant of the
   skeleton, not read from train 3D). The renders draw a body-height factor in [0.9, 1.1], so
@@ -51,18 +46,18 @@ discriminators, and perspective projection.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from data_shards import mocap
-from data_shards.skeleton import JOINT_INDEX, NUM_JOINTS, PARENTS, ROOT
+from data_shards.skeleton import ROOT
+from finetune.clips import Sequence
 from finetune.heads.lift.base import (
+    QUIET,
+    FitLog,
     LiftConfig,
     LiftData,
     LiftMethod,
@@ -70,32 +65,47 @@ from finetune.heads.lift.base import (
     labelled_clips,
     model_inputs,
 )
-from finetune.heads.lift.data import Sequence, normalize_2d, root_relative_m
+from finetune.heads.lift.data import root_relative_m
+from finetune.heads.lift.geometry16 import (
+    BONES16,
+    J16,
+    KEEP,
+    fill_nose,
+    normalize_inputs,
+    project,
+    rest_bone_m,
+    rest_pose_m,
+    rotate_y,
+)
+from finetune.loop import OptimConfig, Part
+from pretrain.engine.schedules import LRSchedule
 
-NOSE = JOINT_INDEX["nose"]
-KEEP = tuple(j for j in range(NUM_JOINTS) if j != NOSE)
-"""The 16 lifted joints, in 17-joint order without the nose."""
-J16 = len(KEEP)
-_THORAX, _HEAD = JOINT_INDEX["thorax"], JOINT_INDEX["head"]
-_LSH, _RSH = JOINT_INDEX["l_shoulder"], JOINT_INDEX["r_shoulder"]
-_P17 = [PARENTS[_THORAX] if j == NOSE else (_THORAX if p == NOSE else p)
-        for j, p in enumerate(PARENTS)]  # fmt: skip
-BONES16 = tuple((KEEP.index(p), KEEP.index(j)) for j, p in enumerate(_P17) if j != NOSE and p >= 0)
-"""(parent, child) in 16-joint indices: the 17-joint bones with head top -> thorax."""
+__all__ = ["BONES16", "KEEP", "METHOD", "VAEGANConfig", "fill_nose", "fit", "project",
+           "rest_bone_m", "rest_pose_m", "restore", "rotate_y"]  # fmt: skip
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class VAEGANConfig(LiftConfig):
+    """The recipe (the issue's values, epochs scaled for a 2-core CPU; see the docstring)."""
+
     steps: int = 500
+    """Optimiser steps (of the lifter, and of the discriminator when there is one)."""
     batch_size: int = 64
-    lr: float = 1e-3
+    """Train frames per step."""
+    optim: OptimConfig = OptimConfig(kind="adam", lr=1e-3, betas=(0.5, 0.999), clip_norm=1.0,
+                                     schedule=LRSchedule(decay="constant"))  # fmt: skip
+    """Both players: Adam with the usual GAN momentum (Radford et al. 2016), a constant
+    learning rate, gradients clipped to norm 1 each."""
     width: int = 1024
     """Hidden width of encoder and decoder."""
     latent: int = 51
+    """Latent dimensions of the VAE."""
     disc_width: int = 512
     """Hidden width of the discriminator (the issue leaves it open; 512 keeps a row ~2 min)."""
     dropout: float = 0.2
+    """Dropout of every layer (lifter and discriminator)."""
     lambda_recon: float = 1.0
+    """Weight of the reprojection (or, supervised, the 3D) reconstruction loss."""
     lambda_kld: float = 1e-3
     """Peak of the cyclical KL weight; 0 turns the KL term off."""
     lambda_disc: float = 1e-3
@@ -104,13 +114,13 @@ class VAEGANConfig(LiftConfig):
     """KL warm-up; the issue's 10 (and 40 below) assume hundreds of epochs: the CPU recipe
     runs ~6 (500 steps x 64 of the demo's 5,052 train frames), so both are scaled by 1/10."""
     cycle_epochs: float = 4.0
+    """Length of one cyclical KL annealing cycle, epochs."""
     kl_ramp: float = 0.5
     """Share of each KL cycle spent ramping 0 -> lambda_kld (the rest holds it)."""
-    clip_norm: float = 1.0
-    """Max gradient norm of the lifter and (separately) of the discriminator, every step."""
     supervised: bool = False
     """Train on 3D labels instead (the upper reference row)."""
     log_every: int = 20
+    """Steps between logged records."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,7 +130,6 @@ class VAEGANConfig(LiftConfig):
             "lambda_recon": self.lambda_recon >= 0, "lambda_kld": self.lambda_kld >= 0,
             "lambda_disc": self.lambda_disc >= 0, "warmup_epochs": self.warmup_epochs >= 0,
             "cycle_epochs": self.cycle_epochs > 0, "kl_ramp": 0 < self.kl_ramp <= 1,
-            "clip_norm": self.clip_norm > 0, "log_every": self.log_every >= 1,
         }  # fmt: skip
         check_fields(self, checks)
 
@@ -133,77 +142,6 @@ def kl_beta(step: int, steps_per_epoch: int, config: VAEGANConfig) -> float:
     phase = ((step - warmup) % (config.cycle_epochs * steps_per_epoch)) / (
         config.cycle_epochs * steps_per_epoch)  # fmt: skip
     return config.lambda_kld * min(1.0, phase / config.kl_ramp)
-
-
-# ------------------------------------------------------------------------------ geometry
-
-
-@functools.cache
-def rest_pose_m() -> np.ndarray:
-    """(17, 3) joints of the DeepMimic character at rest (identity rotations), metres."""
-    identity = np.array([1.0, 0.0, 0.0, 0.0])  # (w, x, y, z)
-    clip = mocap.MotionClip("rest", False, np.zeros(1), np.zeros((1, 3)), identity[None],
-                            np.tile(identity, (1, 8, 1)), np.zeros((1, 4)))  # fmt: skip
-    return mocap.joints3d_m(clip)[0]
-
-
-def _head_frame(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Unit up and forward, and thorax-head length, of (..., 17 or 16 in 17 order, 3) joints."""
-    up = p[..., _HEAD, :] - p[..., _THORAX, :]
-    length = np.linalg.norm(up, axis=-1, keepdims=True)
-    up = up / np.maximum(length, 1e-9)
-    left = p[..., _LSH, :] - p[..., _RSH, :]
-    left = left - (left * up).sum(-1, keepdims=True) * up
-    left = left / np.maximum(np.linalg.norm(left, axis=-1, keepdims=True), 1e-9)
-    return up, np.cross(left, up), left, length
-
-
-@functools.cache
-def nose_offset() -> tuple[float, float, float]:
-    """The rest pose's nose - thorax along (up, forward, left), over the thorax-head length."""
-    rest = rest_pose_m()
-    up, fwd, left, length = _head_frame(rest)
-    d = rest[NOSE] - rest[_THORAX]
-    return tuple(float(d @ a / length[0]) for a in (up, fwd, left))
-
-
-def fill_nose(pose16: np.ndarray) -> np.ndarray:
-    """(N, 16, 3) -> (N, 17, 3): the nose put where the rest pose's rigid head has it."""
-    out = np.zeros((*pose16.shape[:-2], NUM_JOINTS, 3), dtype=np.float64)
-    out[..., list(KEEP), :] = pose16
-    up, fwd, left, length = _head_frame(out)
-    a, b, c = nose_offset()
-    out[..., NOSE, :] = out[..., _THORAX, :] + length * (a * up + b * fwd + c * left)
-    return out
-
-
-@functools.cache
-def rest_bone_m() -> float:
-    """Mean length of :data:`BONES16` at rest (metres): the unsupervised rows' only 3D prior."""
-    rest = rest_pose_m()[list(KEEP)]
-    return float(np.mean([np.linalg.norm(rest[c] - rest[p]) for p, c in BONES16]))
-
-
-def normalize_inputs(pose2d_px: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """(N, 17, 2) pixels -> (N, 16, 2) screen coordinates, root-relative, RMS 1 per frame."""
-    x = normalize_2d(pose2d_px.astype(np.float32), image_size)[:, list(KEEP)]
-    x = x - x[:, ROOT : ROOT + 1]
-    rms = np.sqrt((x**2).sum(-1).mean(-1))[:, None, None]
-    return (x / np.maximum(rms, 1e-6)).astype(np.float32)
-
-
-def rotate_y(pose: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """(B, J, 3) turned by ``angle`` (B,) about the camera's y axis (the image's vertical)."""
-    c, s = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
-    x, y, z = pose.unbind(-1)
-    return torch.stack([c * x + s * z, y, -s * x + c * z], -1)
-
-
-def project(pose: torch.Tensor) -> torch.Tensor:
-    """Weak perspective: (B, J, 3) root-relative -> (B, J, 2), renormalised to RMS 1."""
-    xy = pose[..., :2]
-    rms = xy.pow(2).sum(-1).mean(-1).clamp_min(1e-8).sqrt()[:, None, None]
-    return xy / rms
 
 
 # ------------------------------------------------------------------------------ networks
@@ -264,7 +202,8 @@ def discriminator(config: VAEGANConfig) -> nn.Sequential:
 class VAEGANFitted:
     def __init__(self, lifter: VAELifter, disc: nn.Module | None, config: VAEGANConfig,
                  losses: list[dict[str, float]]):  # fmt: skip
-        self.lifter, self.disc, self.config, self.losses = lifter.eval(), disc, config, losses
+        self.lifter, self.config, self.losses = lifter.eval(), config, losses
+        self.disc = disc.eval() if disc is not None else None
 
     def inputs(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
         """Per sequence, the normalised (N, 16, 2) 2D the lifter sees."""
@@ -325,56 +264,73 @@ def _gan(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits, target)
 
 
-def fit(data: LiftData, config: VAEGANConfig, progress: bool = True) -> VAEGANFitted:
+class _Epochs:
+    """Batches of the train frames, a fresh seeded permutation every epoch."""
+
+    def __init__(self, count: int, config: VAEGANConfig, gen: torch.Generator) -> None:
+        self.count, self.size, self.gen = count, config.batch_size, gen
+        self.per_epoch = math.ceil(count / config.batch_size)
+        self.order = torch.randperm(count, generator=gen)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        k = step % self.per_epoch
+        if k == 0 and step > 0:
+            self.order = torch.randperm(self.count, generator=self.gen)
+        return self.order[k * self.size : (k + 1) * self.size]
+
+
+def fit(data: LiftData, config: VAEGANConfig, log: FitLog = QUIET) -> VAEGANFitted:
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     x_all, y_all = _train_arrays(data, config)
-    steps_per_epoch = math.ceil(len(x_all) / config.batch_size)
-    lifter = VAELifter(config).train()
+    trainer = log.trainer(config)
+    lifter = trainer.prepare(VAELifter(config))
     adversarial = config.lambda_disc > 0 and not config.supervised
-    disc = discriminator(config).train() if adversarial else None
-    betas = (0.5, 0.999)  # the usual GAN momentum (Radford et al. 2016)
-    opt = torch.optim.Adam(lifter.parameters(), lr=config.lr, betas=betas)
-    opt_d = None if disc is None else torch.optim.Adam(disc.parameters(), lr=config.lr, betas=betas)
-    losses: list[dict[str, float]] = []
-    order = torch.randperm(len(x_all), generator=gen)
-    for step in tqdm(range(config.steps), desc="vaegan", unit="step", disable=not progress):
-        k = step % steps_per_epoch
-        if k == 0 and step > 0:
-            order = torch.randperm(len(x_all), generator=gen)
-        idx = order[k * config.batch_size : (k + 1) * config.batch_size]
-        x = x_all[idx]  # (B, J, 2)
+    disc = trainer.prepare(discriminator(config)) if adversarial else None
+    epochs = _Epochs(len(x_all), config, gen)
+
+    def step(i: int) -> dict[str, torch.Tensor | float]:
+        idx = epochs(i)
+        x = x_all[idx].to(trainer.device)  # (B, J, 2)
         pose, mu, logvar = lifter(x)  # (B, J, 3)
-        beta = kl_beta(step, steps_per_epoch, config)
+        beta = kl_beta(i, epochs.per_epoch, config)
         terms = {"kl": _kl(mu, logvar)}
         if config.supervised:
-            terms["recon"] = (pose - y_all[idx]).pow(2).sum(-1).mean()
+            terms["recon"] = (pose - y_all[idx].to(trainer.device)).pow(2).sum(-1).mean()
         else:
             terms["recon"] = (pose[..., :2] - x).pow(2).sum(-1).mean()
         loss = config.lambda_recon * terms["recon"] + beta * terms["kl"]
         if disc is not None:
-            angle = (torch.rand(len(x), generator=gen) * 2 - 1) * math.pi
+            angle = ((torch.rand(len(x), generator=gen) * 2 - 1) * math.pi).to(trainer.device)
             fake = project(rotate_y(pose, angle))  # (B, J, 2)
-            real = x_all[torch.randint(len(x_all), (len(x),), generator=gen)]
+            real = x_all[torch.randint(len(x_all), (len(x),), generator=gen)].to(trainer.device)
             # one batch through the discriminator, so batch norm sees real and fake alike
             logits = disc(torch.cat([real, fake]).flatten(1))[len(x) :]
             terms["adv"] = _gan(logits, real=True)
             loss = loss + config.lambda_disc * terms["adv"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(lifter.parameters(), config.clip_norm)
-        opt.step()
-        if disc is not None:
+            # the discriminator's own term (stepped after the lifter; ``fake`` detached)
             logits = disc(torch.cat([real, fake.detach()]).flatten(1))
             terms["disc"] = _gan(logits[: len(x)], True) + _gan(logits[len(x) :], False)
-            opt_d.zero_grad(set_to_none=True)
-            terms["disc"].backward()
-            nn.utils.clip_grad_norm_(disc.parameters(), config.clip_norm)
-            opt_d.step()
-        if step % config.log_every == 0 or step == config.steps - 1:
-            losses.append({"step": step, "loss": float(loss.detach()), "beta": beta,
-                           **{n: float(v.detach()) for n, v in terms.items()}})  # fmt: skip
-    return VAEGANFitted(lifter, disc, config, losses)
+        return {"loss": loss, "beta": beta, **terms}
+
+    parts = [Part(lifter.parameters(), config.optim)]
+    if disc is not None:
+        parts.append(Part(disc.parameters(), config.optim, loss="disc"))
+    losses = trainer.fit(step, parts, config.steps)
+    disc = trainer.unwrap(disc).cpu() if disc is not None else None
+    return VAEGANFitted(trainer.unwrap(lifter).cpu(), disc, config, losses)
+
+
+def restore(config: VAEGANConfig, state_dict: dict[str, torch.Tensor]) -> VAEGANFitted:
+    lifter = VAELifter(config)
+    lifter.load_state_dict({k.removeprefix("lifter."): v for k, v in state_dict.items()
+                            if k.startswith("lifter.")})  # fmt: skip
+    weights = {k.removeprefix("disc."): v for k, v in state_dict.items() if k.startswith("disc.")}
+    disc = None
+    if weights:
+        disc = discriminator(config)
+        disc.load_state_dict(weights)
+    return VAEGANFitted(lifter, disc, config, [])
 
 
 # ------------------------------------------------------------------------------ latent plot
@@ -420,6 +376,7 @@ METHOD = LiftMethod(
         "supervised reference": {"supervised": True, "labels": 1.0},
     },
     fit=fit,
+    restore=restore,
     figure=latent_plot,
     describe="VAE-GAN lifter from 2D alone (Chen et al. 2019 rotate-and-discriminate; VAE "
     "latent with cyclical KL); scaled by the rest pose's bone length; supervised: upper reference",

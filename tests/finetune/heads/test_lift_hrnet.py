@@ -1,4 +1,4 @@
-"""The HRNet image head: heatmap targets, soft-argmax, frames matched to sequences, training."""
+"""The HRNet image head: heatmap targets, soft-argmax, frames read with the sequences, training."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards.manifest import find_splits
 from data_shards.skeleton import NUM_JOINTS
+from finetune.clips import read_splits
 from finetune.heads.lift import hrnet
 from finetune.heads.lift.base import LiftData, labelled_clips
-from finetune.heads.lift.data import read_splits
 
 TINY = dict(steps=2, batch_size=4, image_size=32, width=32, decoder_width=16, predict_batch=16)
 
@@ -49,31 +48,35 @@ def test_config_rejects_bad_values():
         hrnet.HRNetConfig(skip=True)
 
 
-def test_frames_match_sequence_rows(lift_shards: Path):
-    splits = read_splits(lift_shards)
-    frames = hrnet.read_frames(find_splits(lift_shards)["val"], 32)
-    images = hrnet.sequence_frames(splits["val"], frames)
-    for s, x in zip(splits["val"], images, strict=True):
-        assert x.shape == (s.frames, 3, 32, 32) and x.dtype == torch.uint8
-    assert len(frames) == sum(s.frames for s in splits["val"])  # every frame once
-    assert images[0].float().std() > 0  # a rendered frame, not blank
-    missing = splits["val"][0]._replace(first_frame=10_000)
-    with pytest.raises(ValueError, match="no frame"):
-        hrnet.sequence_frames([missing], frames)
+def test_frames_come_with_the_sequences_in_one_pass(lift_shards: Path):
+    """The method's read gives every sequence its frames at ``image_size``, its 2D labels
+    following the resize (the keypoints keep their place on the image)."""
+    config = hrnet.HRNetConfig(**TINY)
+    assert hrnet.METHOD.read(config) == {"frames": True, "size": 32}
+    labels = read_splits(lift_shards)["val"]
+    splits = read_splits(lift_shards, **hrnet.METHOD.read(config))
+    for s, plain in zip(splits["val"], labels, strict=True):
+        assert s.images.shape == (s.frames, 3, 32, 32) and s.images.dtype == np.uint8
+        assert s.image_size == (32, 32) and (s.clip, s.frames) == (plain.clip, plain.frames)
+        np.testing.assert_allclose(s.pose2d / 32, plain.pose2d / np.array(plain.image_size))
+    assert splits["val"][0].images.astype(np.float32).std() > 0  # a rendered frame, not blank
+    with pytest.raises(ValueError, match="has no frames; read the sequences with frames=True"):
+        hrnet.fit(LiftData(lift_shards, read_splits(lift_shards)), config)
 
 
 def test_training_steps_lower_the_loss():
     """A fixed batch of 4 random frames and labels: the summed loss falls as it overfits."""
     torch.manual_seed(0)
     regularised = dict(heatmap_weight=100.0, decoder_weight=1.0, symmetry_weight=1.0)
-    config = hrnet.HRNetConfig(**TINY, **regularised, lr=3e-3, dropout=0.0)
+    optim = dataclasses.replace(hrnet.HRNetConfig.optim, lr=3e-3)
+    config = hrnet.HRNetConfig(**TINY, **regularised, dropout=0.0, optim=optim)
     model = hrnet.ImageLifter(config).train()
     gen = torch.Generator().manual_seed(0)
     unit = 0.2 + 0.6 * torch.rand(4, NUM_JOINTS, 2, generator=gen)
     images = torch.randint(0, 255, (4, 3, 32, 32), generator=gen, dtype=torch.uint8)
     targets = torch.randn(4, NUM_JOINTS, 3, generator=gen) * 0.2
     mask = torch.ones(4)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     curve = []
     with hrnet.torch_threads(1):  # see HRNetConfig.threads
         for _ in range(25):
@@ -90,19 +93,19 @@ def test_training_steps_lower_the_loss():
 def test_fit_and_predict_end_to_end(lift_shards: Path):
     """Shapes on the 64 px fixture; the unlabelled train clip's 3D is never read (NaN there
     would poison the loss); one (17, 3) row per held-out frame."""
-    splits = read_splits(lift_shards)
     regularised = dict(heatmap_weight=1.0, decoder_weight=1.0, symmetry_weight=1.0)
     config = hrnet.HRNetConfig(**TINY, **regularised, labels=0.5, skip=True)
+    splits = read_splits(lift_shards, **hrnet.METHOD.read(config))
     labelled = labelled_clips(splits["train"], config.labels, config.seed)
     assert len(labelled) == 1
     poisoned = [s._replace(pose3d=np.full_like(s.pose3d, np.nan)) for s in splits["train"]]
     splits["train"] = [s if s.clip in labelled else p
                        for s, p in zip(splits["train"], poisoned, strict=True)]  # fmt: skip
     fitted = hrnet.fit(LiftData(lift_shards, splits), config)
-    assert [c["step"] for c in fitted.losses] == [1, 2]
+    assert [c["step"] for c in fitted.losses] == [0, 1]  # the loop counts steps from 0
     assert all(np.isfinite(v) for c in fitted.losses for v in c.values())
     assert set(fitted.losses[0]) == {"step", "loss", "encoder", "heatmap", "decoder",
-                                     "projector", "symmetry"}  # fmt: skip
+                                     "projector", "symmetry", "lr", "time_s"}  # fmt: skip
     for split in ("val", "test"):
         preds = fitted.predict(split, splits[split])
         assert [p.shape for p in preds] == [(s.frames, NUM_JOINTS, 3) for s in splits[split]]

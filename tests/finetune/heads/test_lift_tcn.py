@@ -3,6 +3,7 @@ checkpoint import, training on real shards and the semi-supervised objective."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finetune.clips import Sequence, read_splits
 from finetune.heads.lift import tcn
 from finetune.heads.lift.base import LiftData, labelled_clips
-from finetune.heads.lift.data import Sequence, read_splits
 from finetune.heads.lift.videopose3d import (
     TCNShape,
     TemporalModel,
@@ -215,10 +216,15 @@ def test_config_errors_name_the_field():
         tcn.TCNConfig(channels=0)
     with pytest.raises(ValueError, match="warmup"):
         tcn.TCNConfig(warmup=1.0)
-    config = tcn.TCNConfig(lr=1e-3, steps=400, lr_final=0.05)
-    assert tcn.learning_rate(0, config) == pytest.approx(1e-3)
-    assert tcn.learning_rate(200, config) == pytest.approx(1e-3 * 0.05**0.5)
-    assert tcn.learning_rate(400, config) == pytest.approx(5e-5)
+    config = tcn.TCNConfig(optim=dataclasses.replace(tcn.TCNConfig.optim, lr=1e-3), steps=400)
+    assert config.optim.schedule.min_lr_ratio == 0.05  # the learning rate at the last step
+
+    def learning_rate(step: int) -> float:
+        return config.optim.schedule.lr(step, config.optim.lr, config.steps)
+
+    assert learning_rate(0) == pytest.approx(1e-3)
+    assert learning_rate(200) == pytest.approx(1e-3 * 0.05**0.5)
+    assert learning_rate(400) == pytest.approx(5e-5)
     assert tcn.bn_momentum(0, config) == pytest.approx(0.1)
     assert tcn.bn_momentum(400, config) == pytest.approx(0.001)
 
@@ -230,8 +236,9 @@ def lift_data(lift_shards) -> LiftData:
 
 def test_training_lowers_the_loss_and_predicts_every_frame(lift_data):
     config = tcn.TCNConfig(filter_widths=(3, 3), channels=32, batch_size=64, steps=60,
-                           lr=3e-3, log_every=5)  # fmt: skip
-    fitted = tcn.fit(lift_data, config, progress=False)
+                           optim=dataclasses.replace(tcn.TCNConfig.optim, lr=3e-3),
+                           log_every=5)  # fmt: skip
+    fitted = tcn.fit(lift_data, config)
     curve = [c["loss"] for c in fitted.losses]
     assert np.mean(curve[-3:]) < 0.6 * np.mean(curve[:2])
     val = lift_data.splits["val"]
@@ -260,7 +267,7 @@ def test_semi_supervised_terms_are_finite_and_never_read_unlabelled_3d(lift_data
     hidden = [s if s.clip in chosen else s._replace(pose3d=np.full_like(s.pose3d, np.nan))
               for s in train]  # fmt: skip
     data = LiftData(lift_data.shards, {**lift_data.splits, "train": hidden})
-    fitted = tcn.fit(data, config, progress=False)
+    fitted = tcn.fit(data, config)
     for entry in fitted.losses:
         assert {"loss_3d", "loss_traj", "loss_2d", "loss_bone"} <= set(entry)
         assert all(np.isfinite(v) for v in entry.values())
