@@ -183,3 +183,17 @@ def resolve(cfg: T, overrides: list[str], stage: str = "") -> T:
         print("\n".join([head, *("  " + line for line in describe(cfg))]))
         raise SystemExit(0)
     return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def from_recipe(recipes: dict[str, Any], name: str, overrides: list[str], stage: str = "",
+                **fields: Any) -> Any:  # fmt: skip
+    """What every stage's command line builds: the named recipe, the command's flags (``fields``
+    that are not None replace top-level fields), then the ``--set`` overrides (``--set help``
+    prints every field and exits)."""
+    if name not in recipes:
+        raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(recipes)}")
+    cfg = recipes[name]()
+    given = {k: v for k, v in fields.items() if v is not None}
+    if given:
+        cfg = from_dict(type(cfg), {**to_dict(cfg), **to_dict(given)})
+    return resolve(cfg, overrides, stage)

@@ -76,20 +76,15 @@ def _add_set(p: argparse.ArgumentParser, head: str) -> None:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from data_shards.configtools import resolve
+    from data_shards.configtools import from_recipe
     from finetune.evaluation.evaluate import run_retrieval
     from finetune.evaluation.retrieval import RetrievalConfig
     from pretrain.engine.launch import relaunch
 
-    flags = {"kind": args.index, "exclude_same_clip": args.exclude_same_clip,
-             "cross_view": args.cross_view}
-    if args.k is not None:
-        flags.update(k=args.k, ks=tuple(sorted({1, args.k})))
-    config = dataclasses.replace(RetrievalConfig(), **{k: v for k, v in flags.items()
-                                                       if v is not None})  # fmt: skip
-    config = resolve(config, args.overrides, "evaluate retrieval")
+    k = {"k": args.k, "ks": tuple(sorted({1, args.k}))} if args.k is not None else {}
+    config = from_recipe({"default": RetrievalConfig}, "default", args.overrides,
+                         "evaluate retrieval", kind=args.index, cross_view=args.cross_view,
+                         exclude_same_clip=args.exclude_same_clip, **k)  # fmt: skip
     code = relaunch(args.nproc_per_node, args.argv)
     if code is not None:
         return code
@@ -101,57 +96,34 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(cls: type, overrides: list[str], **fields):
-    """``cls`` with the named flags and then ``--set key=value`` overrides applied."""
-    import dataclasses
-
-    from data_shards.configtools import apply_overrides
-
-    if "help" in overrides:
-        for f in dataclasses.fields(cls):
-            print(f"{f.name} = {f.default if f.default is not dataclasses.MISSING else '...'}")
-        raise SystemExit(0)
-    return apply_overrides(cls(**{k: v for k, v in fields.items() if v is not None}), overrides)
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
+def _floats(text: str | None) -> tuple[float, ...] | None:
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        return None if text is None else tuple(float(x) for x in _names(text))
     except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"--labels: expected comma-separated numbers, got {text!r}") from None
 
 
 def cmd_pose(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from data_shards.configtools import resolve
+    from data_shards.configtools import from_recipe
     from finetune.heads.pose import RECIPES, run_pose
 
-    config = _recipe(RECIPES, args.recipe)
-    if args.modes is not None:
-        config = dataclasses.replace(config, modes=tuple(m.strip() for m in args.modes.split(",")))
-    if args.labels is not None:
-        config = dataclasses.replace(config, label_fractions=_floats(args.labels, "--labels"))
-    config = resolve(config, args.overrides, "finetune pose")
+    config = from_recipe(RECIPES, args.recipe, args.overrides, "finetune pose",
+                         modes=_names(args.modes), label_fractions=_floats(args.labels))
     run_pose(args.encoder, args.shards, args.out, config, progress=sys.stderr.isatty(),
              cache_dir=args.cache)  # fmt: skip
     print((Path(args.out) / "pose.md").read_text())
     return 0
 
 
-def _recipe(recipes: dict, name: str):
-    if name not in recipes:
-        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(recipes)}")
-    return recipes[name]()
-
-
 def cmd_future(args: argparse.Namespace) -> int:
-    from data_shards.configtools import resolve
+    from data_shards.configtools import from_recipe
     from finetune.heads.future import RECIPES, run_future
 
-    config = resolve(_recipe(RECIPES, args.recipe), args.overrides, "finetune future")
+    config = from_recipe(RECIPES, args.recipe, args.overrides, "finetune future")
     run_future(args.shards, args.out, config, progress=sys.stderr.isatty())
     print((Path(args.out) / "future.md").read_text())
     return 0

@@ -95,3 +95,15 @@ def test_describe_lists_nested_fields_with_their_docs_and_help_exits(capsys):
     out = capsys.readouterr().out
     assert out.startswith("fields of pretrain") and "  data.train = " in out
     assert resolve(debug_cpu(), ["train.max_steps=3"]).train.max_steps == 3
+
+
+def test_from_recipe_applies_flags_then_overrides():
+    from data_shards.configtools import from_recipe
+    from finetune.heads.pose import RECIPES
+
+    cfg = from_recipe(RECIPES, "quick", ["probe.steps=7"], "finetune pose", modes=("probe",),
+                      label_fractions=None)  # fmt: skip
+    assert cfg.modes == ("probe",) and cfg.probe.steps == 7 and cfg.full.steps == 5
+    assert cfg.label_fractions == RECIPES["quick"]().label_fractions  # None: the recipe's
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'; choose from default"):
+        from_recipe(RECIPES, "nope", [])
