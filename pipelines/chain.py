@@ -3,8 +3,8 @@
 pretrain -> export -> retrieval -> pose head -> future head, each a :class:`~pipelines.stages.
 Stage` (the command's arguments, the file that exists once it is done, and whether it runs as
 one process or on every rank of a job). ``posebert demo`` and ``posebert ablation`` run these
-stages locally; ``posebert slurm pipeline`` groups the same stages into chained Slurm jobs.
-This module imports no training code, so the Slurm side stays light.
+stages locally; ``posebert slurm pipeline`` groups the same stages into chained Slurm jobs
+(:mod:`pipelines.slurm`). This module imports no training code, so the Slurm side stays light.
 """
 
 from __future__ import annotations
@@ -39,10 +39,19 @@ class Chain:
     """Local processes of the pretraining stage (``--nproc-per-node``)."""
     train_split: str | None = None
     """Split pretraining reads (default SHARDS/train)."""
+    run_dir: Path | None = None
+    """The pretraining run (None: OUT/pretrain), e.g. ``posebert slurm submit evaluate --run``."""
+    encoder_dir: Path | None = None
+    """The exported encoder (None: OUT/encoder), e.g. ``posebert slurm submit finetune
+    --encoder``."""
+
+    @property
+    def run(self) -> Path:
+        return self.run_dir or self.out / "pretrain"
 
     @property
     def encoder(self) -> Path:
-        return self.out / "encoder"
+        return self.encoder_dir or self.out / "encoder"
 
 
 def _sets(values: tuple[str, ...]) -> list[str]:
@@ -50,7 +59,7 @@ def _sets(values: tuple[str, ...]) -> list[str]:
 
 
 def pretrain(c: Chain) -> Stage:
-    run = c.out / "pretrain"
+    run = c.run
     args = ["pretrain", "--recipe", c.recipe, "--out", str(run)]
     args += ["--nproc-per-node", str(c.nproc)] if c.nproc > 1 else []
     args += ["--levers", c.levers] if c.levers is not None else []
@@ -60,7 +69,7 @@ def pretrain(c: Chain) -> Stage:
 
 
 def export(c: Chain) -> Stage:
-    return Stage("export", ["export", "--run", str(c.out / "pretrain"), "--out", str(c.encoder)],
+    return Stage("export", ["export", "--run", str(c.run), "--out", str(c.encoder)],
                  c.encoder / "model.safetensors")  # fmt: skip
 
 

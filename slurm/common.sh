@@ -76,18 +76,40 @@ posebert_train_splits() {
     (IFS=,; echo "${splits[*]}")
 }
 
-posebert_wait() {
-    # Wait for background PID; a trapped signal interrupts `wait`, so wait again while it runs.
-    # Returns its exit status (bash remembers it even after an interrupted wait).
-    local pid=$1 code
-    while :; do
-        wait "$pid"
-        code=$?
-        if ! kill -0 "$pid" 2>/dev/null; then
-            if (( code > 128 )); then wait "$pid"; code=$?; fi
-            return "$code"
-        fi
+posebert_run() {
+    # Run a command (a job step: srun ...) in the background and wait for it; returns its exit
+    # code. Bash runs a trap only after its foreground child returns, hence the background and
+    # `wait`; but a trapped signal (posebert_env's TERM) interrupts `wait`, and bash (5.2) can
+    # then lose the code of a command that ended meanwhile (`wait` again gave 255, not 75). So
+    # a subshell that ignores TERM runs the command (TERM back to the default: the step still
+    # gets it) and writes its code to a file, read once the subshell is gone.
+    local status code pid
+    status=$(mktemp "${TMPDIR:-/tmp}/posebert-exit.XXXXXX") || return 1
+    (
+        trap '' TERM
+        ( trap - TERM; exec "$@" )
+        echo $? > "$status"
+    ) &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        wait "$pid"  # returns early when a trapped signal arrives: wait again while it runs
     done
+    code=$(<"$status")
+    rm -f "$status"
+    return "${code:-1}"  # empty: the subshell itself was killed (SIGKILL)
+}
+
+posebert_stage() {
+    # Run one stage: NAME, RANKS, then the arguments of `posebert`. RANKS "all": one srun task
+    # per GPU (or --ntasks-per-node) on every node of the job, each one rank; "one": a single
+    # task on one node. posebert_run waits for the step, so the TERM trap runs while it
+    # finishes. Returns the step's exit code.
+    local name=$1 ranks=$2
+    shift 2
+    local launch=(srun --nodes=1 --ntasks=1)
+    [[ "$ranks" == all ]] && launch=(srun --kill-on-bad-exit=1)
+    posebert_log "stage $name ($ranks): posebert $*"
+    posebert_run "${launch[@]}" "${POSEBERT[@]}" "$@"
 }
 
 posebert_finish() {

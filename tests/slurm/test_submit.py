@@ -20,7 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import chain
+from pipelines import slurm as pslurm
 from slurm import cli as slurm_cli
+from slurm import jobs
+from slurm import resources as rs
 from slurm import submit as sm
 
 CPU = dict(nodes=2, gpus_per_node=0, tasks_per_node=1, cpus_per_task=2, time="00:10:00")
@@ -94,8 +98,8 @@ def posebert_slurm(*argv: str) -> int:
 
 
 def test_render_pretrain_cpu_job(tmp_path):
-    res = sm.Resources(**CPU, signal_s=60, partition="debug")
-    job = sm.pretrain_job(res, "debug_cpu", tmp_path / "run", tmp_path / "shards", ["train.x=1"])
+    res = rs.Resources(**CPU, signal_s=60, partition="debug")
+    job = jobs.pretrain_job(res, "debug_cpu", tmp_path / "run", tmp_path / "shards", ["train.x=1"])
     text = job.render()
     head = [line for line in text.splitlines() if line.startswith("#SBATCH")]
     for d in (
@@ -113,8 +117,8 @@ def test_render_pretrain_cpu_job(tmp_path):
         assert f"#SBATCH {d}" in head
     assert not any("gpus" in line for line in head)
     assert "#@" not in text
-    assert f"RUN_DIR={tmp_path}/run" in text and "SETS=(--set=train.x=1)" in text
-    assert f"POSEBERT_COMMON={sm.COMMON}" in text
+    assert f"STAGE=(pretrain --recipe debug_cpu --out {tmp_path}/run --set=train.x=1)" in text
+    assert f"POSEBERT_COMMON={rs.COMMON}" in text
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
     # directives come before the first command, or sbatch ignores them
     first_command = next(
@@ -124,11 +128,11 @@ def test_render_pretrain_cpu_job(tmp_path):
 
 
 def test_render_gpu_job_one_task_per_gpu(tmp_path):
-    res = sm.Resources(nodes=4, gpus_per_node=8, tasks_per_node=8, time="2-00:00:00", signal_s=300)
-    text = sm.pretrain_job(res, "base", tmp_path / "r").render()
+    res = rs.Resources(nodes=4, gpus_per_node=8, tasks_per_node=8, time="2-00:00:00", signal_s=300)
+    text = jobs.pretrain_job(res, "base", tmp_path / "r").render()
     assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --ntasks-per-node=8" in text
     with pytest.raises(ValueError, match="one rank per GPU"):
-        sm.Resources(gpus_per_node=8, tasks_per_node=1, time="10")
+        rs.Resources(gpus_per_node=8, tasks_per_node=1, time="10")
 
 
 @pytest.mark.parametrize(
@@ -144,7 +148,7 @@ def test_render_gpu_job_one_task_per_gpu(tmp_path):
 )
 def test_bad_resources_are_one_line_errors(fields, match):
     with pytest.raises(ValueError, match=match) as e:
-        sm.Resources(**{"time": "01:00:00", **fields})
+        rs.Resources(**{"time": "01:00:00", **fields})
     assert "\n" not in str(e.value)
 
 
@@ -160,18 +164,18 @@ def test_bad_resources_are_one_line_errors(fields, match):
     ],
 )
 def test_time_seconds(text, seconds):
-    assert sm.time_seconds(text) == seconds
+    assert rs.time_seconds(text) == seconds
 
 
 def test_site_settings_follow_the_environment():
-    site = sm.site_settings({**os.environ, "POSEBERT_PARTITION": "gpu-long"})
+    site = rs.site_settings({**os.environ, "POSEBERT_PARTITION": "gpu-long"})
     assert site["POSEBERT_PARTITION"] == "gpu-long"
     assert int(site["POSEBERT_GPUS_PER_NODE"]) >= 0 and int(site["POSEBERT_SIGNAL_S"]) > 0
 
 
 def test_dry_run_prints_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere: a dry run never calls it
-    monkeypatch.setattr(sm, "site_settings", lambda environ=None: _SITE)
+    monkeypatch.setattr(rs, "site_settings", lambda environ=None: _SITE)
     out = tmp_path / "run"
     code = posebert_slurm(
         "submit",
@@ -190,7 +194,7 @@ def test_dry_run_prints_and_writes_nothing(tmp_path, capsys, monkeypatch):
     )
     text = capsys.readouterr().out
     assert code == 0 and not out.exists()
-    assert "#SBATCH --nodes=2" in text and "RECIPE=debug_cpu" in text
+    assert "#SBATCH --nodes=2" in text and "STAGE=(pretrain --recipe debug_cpu" in text
     assert f"# sbatch {out}/slurm/pretrain.sbatch" in text
 
 
@@ -210,19 +214,47 @@ _SITE = {
 
 
 def test_cli_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(sm, "site_settings", lambda environ=None: _SITE)
+    monkeypatch.setattr(rs, "site_settings", lambda environ=None: _SITE)
     base = ["submit", "pretrain", "--recipe", "debug_cpu", "--out", str(tmp_path), "--dry-run"]
     with pytest.raises(ValueError, match="--tasks-per-node is for CPU jobs"):
         posebert_slurm(*base, "--gpus-per-node", "4", "--tasks-per-node", "2")
     with pytest.raises(ValueError, match="--nodes must be >= 1"):
         posebert_slurm(*base, "--nodes", "0")
+    finetune = ["submit", "finetune", "--encoder", "e", "--shards", "s", "--out", str(tmp_path)]
+    with pytest.raises(ValueError, match="fine-tuning runs one process"):
+        posebert_slurm(*finetune, "--nodes", "2", "--dry-run")
+
+
+def test_pipeline_dry_run_prints_every_job_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere: a dry run never calls it
+    monkeypatch.setattr(rs, "site_settings", lambda environ=None: _SITE)
+    run = tmp_path / "run"
+    code = posebert_slurm("pipeline", "--gpus-per-node", "0", "--recipe", "debug_cpu",
+                          "--shards", str(tmp_path / "shards"), "--out", str(run),
+                          "--pose-recipe", "quick", "--future-set", "steps=3",
+                          "--dry-run")  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0 and not run.exists()
+    assert [line for line in text.splitlines() if line.startswith(("# ---- ", "# sbatch"))] == [
+        f"# ---- {run}/slurm/pretrain.sbatch",
+        f"# sbatch {run}/slurm/pretrain.sbatch",
+        f"# ---- {run}/slurm/evaluate.sbatch",
+        "# sbatch --dependency=afterok:<pretrain job id> --kill-on-invalid-dep=yes "
+        f"{run}/slurm/evaluate.sbatch",
+        f"# ---- {run}/slurm/finetune.sbatch",
+        "# sbatch --dependency=afterok:<evaluate job id> --kill-on-invalid-dep=yes "
+        f"{run}/slurm/finetune.sbatch",
+    ]
+    assert text.count("#!/bin/bash") == 3 and "#SBATCH --signal=USR1@120" in text
+    assert "STAGES=(export retrieval)" in text and "STAGES=(pose future)" in text
+    assert "--recipe quick" in text and "--set=steps=3" in text
 
 
 # ----------------------------------------------------------------------------- submitting
 
 
 def test_pipeline_chains_afterok_and_records_ids(tools, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sm, "site_settings", lambda environ=None: _SITE)
+    monkeypatch.setattr(rs, "site_settings", lambda environ=None: _SITE)
     run = tmp_path / "run"
     code = posebert_slurm(
         "pipeline",
@@ -256,11 +288,12 @@ def test_pipeline_chains_afterok_and_records_ids(tools, tmp_path, capsys, monkey
         ("finetune", "103"),
     ]
     pretrain = (tools / "job-101.sbatch").read_text()
-    assert f"RUN_DIR={run}/pretrain" in pretrain and "#SBATCH --nodes=2" in pretrain
+    assert f"--out {run}/pretrain " in pretrain and "#SBATCH --nodes=2" in pretrain
     evaluate = (tools / "job-102.sbatch").read_text()
-    assert "#SBATCH --nodes=1" in evaluate and f"PRETRAIN_RUN={run}/pretrain" in evaluate
+    assert "#SBATCH --nodes=1" in evaluate
+    assert f"STAGE_0=(export --run {run}/pretrain --out {run}/encoder)" in evaluate
     finetune = (tools / "job-103.sbatch").read_text()
-    assert f"ENCODER={run}/encoder" in finetune and "#SBATCH --ntasks-per-node=1" in finetune
+    assert f"--encoder {run}/encoder" in finetune and "#SBATCH --ntasks-per-node=1" in finetune
     # a second submission appends
     posebert_slurm(
         "submit",
@@ -310,17 +343,15 @@ def test_chain_failure_names_jobs_already_submitted(tools, tmp_path):
         echo "Submitted batch job 7"
     """,
     )
-    res = sm.Resources(**CPU, signal_s=60)
-    spec = sm.PipelineSpec(
+    res = rs.Resources(**CPU, signal_s=60)
+    spec = pslurm.PipelineSpec(
+        chain.Chain(tmp_path / "shards", tmp_path / "run", recipe="debug_cpu"),
         res,
-        sm.Resources(time="10"),
-        sm.Resources(time="10"),
-        "debug_cpu",
-        tmp_path / "shards",
-        tmp_path / "run",
+        rs.Resources(time="10"),
+        rs.Resources(time="10"),
     )
     with pytest.raises(ValueError, match=r"dependency problem \(already submitted: pretrain 7;"):
-        sm.submit_chain(sm.pipeline_jobs(spec), tmp_path / "run")
+        sm.submit_chain(pslurm.pipeline_jobs(spec), tmp_path / "run")
 
 
 def test_status_uses_scontrol_then_squeue(tools, tmp_path, capsys):
@@ -342,7 +373,7 @@ def test_status_uses_scontrol_then_squeue(tools, tmp_path, capsys):
 
 
 def test_shards_array_over_inputs(tools, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sm, "site_settings", lambda environ=None: _SITE)
+    monkeypatch.setattr(rs, "site_settings", lambda environ=None: _SITE)
     videos = tmp_path / "videos"
     videos.mkdir()
     for name in ("c.mp4", "a.mp4", "b.mp4"):
@@ -375,7 +406,8 @@ def test_shards_array_over_inputs(tools, tmp_path, monkeypatch, capsys):
 
 @pytest.fixture
 def script_env(tmp_path, monkeypatch):
-    """Stub posebert (records argv, exits $POSEBERT_STUB_EXIT), srun (runs its command),
+    """Stub posebert (records argv, exits $POSEBERT_STUB_EXIT), srun (records its options and
+    the posebert command's first word in tmp_path/srun, runs its command),
     scontrol (records argv) for running rendered scripts with bash."""
     bin_dir = tmp_path / "sbin"
     bin_dir.mkdir()
@@ -396,13 +428,15 @@ def script_env(tmp_path, monkeypatch):
     _stub(
         bin_dir,
         "srun",
-        """
-        while [[ "$1" == --* ]]; do shift; done
+        f"""
+        launch=()
+        while [[ "$1" == --* ]]; do launch+=("$1"); shift; done
+        printf 'srun %s %s\\n' "${{launch[*]}}" "${{2-}}" >> {tmp_path}/srun
         exec "$@"
     """,
     )
     _stub(bin_dir, "scontrol", f"printf 'scontrol %s\\n' \"$*\" >> {log}\n")
-    monkeypatch.setattr(sm, "posebert_command", lambda: [str(stub)])
+    monkeypatch.setattr(jobs, "posebert_command", lambda: [str(stub)])
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
@@ -413,7 +447,7 @@ def script_env(tmp_path, monkeypatch):
     return env, log
 
 
-def _run(job: sm.Job, tmp_path: Path, env: dict, **popen) -> subprocess.CompletedProcess:
+def _run(job: jobs.Job, tmp_path: Path, env: dict, **popen) -> subprocess.CompletedProcess:
     script = tmp_path / f"{job.kind}.sh"
     script.write_text(job.render())
     return subprocess.run(
@@ -421,8 +455,10 @@ def _run(job: sm.Job, tmp_path: Path, env: dict, **popen) -> subprocess.Complete
     )
 
 
-def _pretrain(tmp_path: Path, shards: Path | None = None) -> sm.Job:
-    return sm.pretrain_job(sm.Resources(**CPU, signal_s=60), "debug_cpu", tmp_path / "run", shards)
+def _pretrain(tmp_path: Path, shards: Path | None = None) -> jobs.Job:
+    return jobs.pretrain_job(
+        rs.Resources(**CPU, signal_s=60), "debug_cpu", tmp_path / "run", shards
+    )
 
 
 @pytest.mark.parametrize(
@@ -483,8 +519,8 @@ def test_scancel_does_not_requeue(tmp_path, script_env):
 def test_shards_script_slices_inputs(tmp_path, script_env):
     env, log = script_env
     inputs = [f"/v/{n}.mp4" for n in "abcde"]
-    job = sm.shards_job(
-        sm.Resources(time="10"), tmp_path / "out", inputs, per_task=2, extra=["--size", "32"]
+    job = jobs.shards_job(
+        rs.Resources(time="10"), tmp_path / "out", inputs, per_task=2, extra=["--size", "32"]
     )
     assert job.resources.array == "0-2"
     p = _run(job, tmp_path, {**env, "SLURM_ARRAY_TASK_ID": "2"})
@@ -492,11 +528,44 @@ def test_shards_script_slices_inputs(tmp_path, script_env):
     assert log.read_text().strip() == (
         f"posebert shards video /v/e.mp4 --out {tmp_path}/out/part-2 --overwrite --size 32"
     )
-    synth = sm.shards_job(
-        sm.Resources(time="10"), tmp_path / "o", clips=["walk", "run", "kick"], per_task=2
+    synth = jobs.shards_job(
+        rs.Resources(time="10"), tmp_path / "o", clips=["walk", "run", "kick"], per_task=2
     )
     p = _run(synth, tmp_path, {**env, "SLURM_ARRAY_TASK_ID": "0", "SLURM_CPUS_PER_TASK": "3"})
     assert p.returncode == 0, p.stderr
     assert log.read_text().splitlines()[-1] == (
         f"posebert shards synth --clips walk,run --out {tmp_path}/o/part-0 --overwrite --workers 3"
     )
+
+
+def _chain_spec(tmp_path: Path) -> pslurm.PipelineSpec:
+    c = chain.Chain(tmp_path / "shards", tmp_path / "run", recipe="debug_cpu", levers="none",
+                    pretrain_sets=("train.x=1",), pose_recipe="quick",
+                    pose_sets=("probe.steps=5",), future_sets=("steps=3",))  # fmt: skip
+    one = rs.Resources(time="10")
+    return pslurm.PipelineSpec(c, rs.Resources(**CPU, signal_s=60), one, one)
+
+
+def test_pipeline_jobs_run_the_chain_stages(tmp_path, script_env):
+    """The three jobs together run exactly the commands of pipelines.chain.full, in order:
+    pretraining and retrieval on every rank, export and the heads as one task."""
+    env, log = script_env
+    spec = _chain_spec(tmp_path)
+    for job in pslurm.pipeline_jobs(spec):
+        p = _run(job, tmp_path, env)
+        assert p.returncode == 0, p.stderr
+    want = [" ".join(["posebert", *s.args]) for s in chain.full(spec.chain)]
+    assert log.read_text().splitlines() == want
+    ranks = {"all": "--kill-on-bad-exit=1", "one": "--nodes=1 --ntasks=1"}
+    launches = [f"srun {ranks[s.ranks]} {s.args[0]}" for s in chain.full(spec.chain)]
+    assert (tmp_path / "srun").read_text().splitlines() == launches
+    assert [s.ranks for s in chain.full(spec.chain)] == ["all", "one", "all", "one", "one"]
+
+
+def test_stages_script_stops_at_the_first_failure(tmp_path, script_env):
+    env, log = script_env
+    job = pslurm.pipeline_jobs(_chain_spec(tmp_path))[1]  # export, retrieval
+    p = _run(job, tmp_path, {**env, "POSEBERT_STUB_EXIT": "3"})
+    assert p.returncode == 3, p.stderr
+    assert [line.split()[1] for line in log.read_text().splitlines()] == ["export"]
+    assert "stage export failed; the stages after it do not run" in p.stderr
