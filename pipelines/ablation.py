@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 from finetune.report import gap_closed, md_table, pyplot, write_stage
+from finetune.report.cli import write_report
 from pipelines import chain
 from pipelines.demo import pretrain_recipe, synth_stage
 from pipelines.stages import Stage, open_record, run_stages
@@ -108,6 +109,7 @@ def run_ablation(out_dir: str | os.PathLike, variants: str | None = None, quick:
     results = summarize(out, chosen, commands, settings)
     text = markdown(results)
     write_stage(out, "ablation", results, text, {"ablation": plot(results)})
+    write_report([out], out)  # OUT/report.html: every table, curve and picture, one page
     print(text)
     return 0
 

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from finetune.report import gap_closed, write_stage
+from finetune.report.cli import write_report
 from pipelines import chain
 from pipelines.stages import Stage, open_record, run_stages
 
@@ -61,6 +62,7 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, nproc: int = 2) ->
     results = summarize(out, record)
     text = results_markdown(results)
     write_stage(out, "results", results, text)
+    write_report([out], out)  # OUT/report.html: every table, curve and picture, one page
     print(text)
     return 0
 

@@ -23,6 +23,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from data_shards.cli import register as register_shards
     from finetune.cli import register as register_finetune
+    from finetune.report.cli import register as register_report
     from pipelines.cli import register as register_pipelines
     from pretrain.cli import register as register_pretrain
     from slurm.cli import register as register_slurm
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_pretrain(stages)
     register_finetune(stages)
     register_pipelines(stages)
+    register_report(stages)
     register_slurm(stages)
     return parser
 
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc-per-node relaunches
+    from finetune.report.writer import record_command
+
+    record_command(args.argv)  # each stage's JSON keeps the command that made it
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

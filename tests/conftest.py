@@ -1,9 +1,12 @@
-"""Shared fixtures: small synthetic samples that follow the schema (no renderer needed), and
-the session's real Slurm cluster for the ``slurm`` tests."""
+"""Shared fixtures: small synthetic samples that follow the schema (no renderer needed), the
+session's real Slurm cluster for the ``slurm`` tests, and one quick demo run shared by the tests
+that need a real run."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +114,33 @@ def lift_shards(tmp_path_factory) -> Path:
     splits = {"train": ("walk", "jump"), "val": ("run",), "test": ("dance_b",)}
     build_splits(root, SynthConfig(views=2, frames=8, size=64), splits=splits, progress=False)
     return root
+
+
+# ------------------------------------------------- one real quick demo run, shared per session
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class QuickDemo:
+    out: Path
+    """The run folder (``make demo OUT=...``)."""
+    run: subprocess.CompletedProcess
+    """The ``make demo`` process (text stdout / stderr)."""
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> QuickDemo:
+    """`make demo` in its quick form, as a new user runs it (a few minutes), once per session:
+    the README test checks its table and its rerun, the report test pages it. Not checked here:
+    each test asserts what it needs of it."""
+    out = tmp_path_factory.mktemp("quick_demo")
+    run = subprocess.run(
+        ["make", "demo", f"OUT={out}", "DEMO_ARGS=--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    return QuickDemo(out, run)

@@ -31,22 +31,15 @@ from finetune.evaluation.embed import (
 from finetune.evaluation.store import checksum_path, is_complete, open_verified, save_verified
 
 
-def embed_split_cached(
-    encoder: torch.nn.Module | FrameEmbedder,
-    split_dir: str | os.PathLike,
-    cache_dir: str | os.PathLike,
-    batch_size: int = 8,
-    normalize: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
-    timeout_s: float = 1800.0,
-    **kwargs,
-) -> tuple[Embeddings, Path]:
+def embed_split_cached(encoder: torch.nn.Module | FrameEmbedder, split_dir: str | os.PathLike,
+                       cache_dir: str | os.PathLike, batch_size: int = 8,
+                       **kwargs) -> tuple[Embeddings, Path]:  # fmt: skip
     """:func:`embed_split` through the cache; returns the embeddings and their cache folder.
 
     The folder is ``cache_dir/<embedder fingerprint[:16]>-<manifest sha256[:16]>``; a complete
     file is verified before it is read (a mismatch raises :class:`ChecksumError`), a missing or
-    half-written one (no checksum) is rebuilt.
+    half-written one (no checksum) is rebuilt. Keywords: ``normalize`` (L2, default True),
+    ``rank``/``world_size``, ``timeout_s`` (default 1800) and those of :func:`embed_split`.
 
     Several ranks (torch.distributed initialised, or explicit ``rank``/``world_size``; every
     rank calls this): each embeds its share and writes it as a verified part file in the
@@ -58,30 +51,20 @@ def embed_split_cached(
     system). A part left by a killed run is reused (same embedder, split, batch size and world
     size: the same rows).
     """
-    path, emb = _ensure_cached(encoder, split_dir, cache_dir, batch_size, normalize, rank,
-                               world_size, timeout_s, **kwargs)  # fmt: skip
+    path, emb = _ensure_cached(encoder, split_dir, cache_dir, batch_size, **kwargs)
     return (Embeddings.load(path) if emb is None else emb), path.parent
 
 
-def cache_embeddings(
-    encoder: torch.nn.Module | FrameEmbedder,
-    split_dir: str | os.PathLike,
-    cache_dir: str | os.PathLike,
-    batch_size: int = 8,
-    normalize: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
-    timeout_s: float = 1800.0,
-    **kwargs,
-) -> Path:
+def cache_embeddings(encoder: torch.nn.Module | FrameEmbedder, split_dir: str | os.PathLike,
+                     cache_dir: str | os.PathLike, batch_size: int = 8, **kwargs) -> Path:
     """:func:`embed_split_cached` for ranks that will not use the rows: the same collective
     (every rank calls it), returns the verified cache file's path and loads nothing."""
-    return _ensure_cached(encoder, split_dir, cache_dir, batch_size, normalize, rank,
-                          world_size, timeout_s, **kwargs)[0]  # fmt: skip
+    return _ensure_cached(encoder, split_dir, cache_dir, batch_size, **kwargs)[0]
 
 
-def _ensure_cached(encoder, split_dir, cache_dir, batch_size: int, normalize: bool,
-                   rank: int | None, world_size: int | None, timeout_s: float,
+def _ensure_cached(encoder, split_dir, cache_dir, batch_size: int = 8, normalize: bool = True,
+                   rank: int | None = None, world_size: int | None = None,
+                   timeout_s: float = 1800.0,
                    **kwargs) -> tuple[Path, Embeddings | None]:  # fmt: skip
     """The cache file's path, and the rows when this process has just embedded all of them."""
     embedder = as_embedder(encoder)

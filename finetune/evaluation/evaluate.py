@@ -5,7 +5,7 @@ initialisation, raw pixels (frames downsampled to 16 x 16), and the references o
 frame nearest in ground-truth pose) and chance (a random train frame). Poses are compared
 root-relative in the query camera's coordinates (what one image determines), in mm.
 
-Several processes (``launch_retrieval``, torchrun or srun): every rank embeds its share of each
+Several processes (``--nproc-per-node``, torchrun or srun): every rank embeds its share of each
 split on its own device (``cuda:LOCAL_RANK`` when there is a GPU), rank 0 merges them into the
 cache; rank 0 alone searches and writes the outputs, the other ranks return None as soon as
 the embeddings are cached (a barrier would time out while rank 0 searches millions of frames).
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +32,15 @@ from finetune.evaluation.embed import (
 )
 from finetune.evaluation.gallery import gallery_png
 from finetune.evaluation.probe import ridge_probe
-from finetune.evaluation.retrieval import RetrievalConfig, cached_index, reference_rows, retrieve
-from finetune.report import gap_closed, md_table
+from finetune.evaluation.retrieval import (
+    RetrievalConfig,
+    Scores,
+    cached_index,
+    reference_rows,
+    retrieve,
+)
+from finetune.report import command_line, gap_closed, md_table, write_stage
+from finetune.report.embedding_map import write_embedding_map
 
 
 def _embedders(encoder_dir: Path, seed: int, device: torch.device) -> dict:
@@ -51,11 +56,11 @@ def run_retrieval(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
                   progress: bool = True,
                   cache_dir: str | os.PathLike | None = None) -> dict | None:  # fmt: skip
     """Embed train (gallery) and ``query_split`` for every row, search, score; write
-    ``OUT/retrieval.json``, ``OUT/retrieval.md`` and ``OUT/gallery.png`` (the model's top-1
-    retrievals). Embeddings are cached under ``cache_dir`` (default OUT/cache), keyed by
-    encoder and split, so runs with other query splits can share the gallery's. Returns the
-    JSON content (rank 0; None on the other ranks of a multi-process run, which initialises
-    torch.distributed when the environment names several ranks)."""
+    ``OUT/retrieval.json``, ``OUT/retrieval.md`` and the model row's pictures
+    (:func:`write_pictures`). Embeddings are cached under ``cache_dir`` (default OUT/cache),
+    keyed by encoder and split, so runs with other query splits can share the gallery's.
+    Returns the JSON content (rank 0; None on the other ranks of a multi-process run, which
+    initialises torch.distributed when the environment names several ranks)."""
     splits = find_splits(shards)
     for name in ("train", query_split):
         if name not in splits:
@@ -117,25 +122,25 @@ def _run(encoder_dir: Path, splits: dict, out: Path, cache: Path, config: Retrie
         "rows": rows,
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "retrieval.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(out / "retrieval.md", markdown_table(result))
-    gallery_png(*shown, splits[query_split], splits["train"], out / "gallery.png", seed=config.seed)
+    result = write_stage(out, "retrieval", {**result, "command": command_line()},
+                         markdown_table(result))  # fmt: skip
+    write_pictures(shown, splits, query_split, out, config.seed)
     return result
 
 
-def launch_retrieval(argv: Sequence[str], nproc: int) -> int:
-    """``posebert evaluate retrieval ARGV`` as ``nproc`` local ranks
-    (:func:`pretrain.engine.launch.launch_local`); ``--nproc-per-node`` in ``argv`` is dropped.
-    Returns 0, or the exit code of the first rank that failed."""
-    from pretrain.engine.launch import launch_local
-
-    args, skip = [], False
-    for a in argv:
-        if skip or a.startswith("--nproc-per-node"):
-            skip = a == "--nproc-per-node"
-            continue
-        args.append(a)
-    return launch_local(nproc, [sys.executable, "-m", "posebert", "evaluate", "retrieval", *args])
+def write_pictures(shown: tuple[Embeddings, Embeddings, Scores], splits: dict[str, Path],
+                   query_split: str, out: Path, seed: int) -> None:  # fmt: skip
+    """The model row's pictures for the report: ``gallery.png`` (best, median and worst
+    queries beside their top-1 retrievals) with ``gallery.json`` (what each row shows), and
+    the embedding map of the query frames (``embedding-map.png`` + ``.npz``)."""
+    query, gallery, scores = shown
+    rows = gallery_png(query, gallery, scores, splits[query_split], splits["train"],
+                       out / "gallery.png")  # fmt: skip
+    note = {"shows": "top-1 retrievals of the model row: best, median and worst queries by "
+                     "top-1 MPJPE (mm, root-relative, query camera coordinates)",
+            "rows": rows}  # fmt: skip
+    atomic_write_text(out / "gallery.json", json.dumps(note, indent=1) + "\n")
+    write_embedding_map(query.vectors, query.actions, out, query_split, seed)
 
 
 def markdown_table(result: dict) -> str:

@@ -89,13 +89,7 @@ def p_mpjpe(pred: Array, target: Array, reduce: Reduce = "mean") -> Array:
     ill-conditioned when two singular values of the cross-covariance coincide (for example a
     pose and target that are both symmetric), so prefer ``mpjpe`` as a training loss.
 
-    Args:
-        pred: predicted poses, shape (..., J, 3).
-        target: true poses, the same shape.
-        reduce: "mean" for one scalar over all poses and joints, "none" for one value per pose.
-
-    Returns:
-        A scalar, or shape (...,) with ``reduce="none"``; in the input's units.
+    Arguments and result as :func:`mpjpe`.
     """
     p, t, back = _prepare(pred, target, reduce)
     return back(_reduce(_per_pose_error(_procrustes(p, t), t), reduce))
@@ -109,13 +103,7 @@ def n_mpjpe(pred: Array, target: Array, reduce: Reduce = "mean") -> Array:
     should be root-relative (``root_relative``). This forgives a wrong global size only, which is
     what monocular methods cannot know (Rhodin et al. 2018).
 
-    Args:
-        pred: predicted poses, shape (..., J, 3).
-        target: true poses, the same shape.
-        reduce: "mean" for one scalar over all poses and joints, "none" for one value per pose.
-
-    Returns:
-        A scalar, or shape (...,) with ``reduce="none"``; in the input's units.
+    Arguments and result as :func:`mpjpe`.
     """
     p, t, back = _prepare(pred, target, reduce)
     dot = (p * t).sum(dim=(-2, -1), keepdim=True)  # (..., 1, 1)

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shlex
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -50,10 +49,19 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     return Path(path)
 
 
-def command_line(argv: Sequence[str] | None = None) -> str:
-    """The ``posebert`` command that is running (for the record in ``<stage>.json``)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    return shlex.join(["posebert", *args])
+_COMMAND: list[str] | None = None
+
+
+def record_command(argv: Sequence[str]) -> None:
+    """Remember the ``posebert`` command line this process runs (set by ``posebert``'s main)."""
+    global _COMMAND
+    _COMMAND = list(argv)
+
+
+def command_line() -> str | None:
+    """The ``posebert`` command that is running, for the record in ``<stage>.json``; None when
+    the stage was called from Python rather than the command line."""
+    return None if _COMMAND is None else shlex.join(["posebert", *_COMMAND])
 
 
 def write_stage(out: str | os.PathLike, stage: str, result: Mapping, markdown: str,

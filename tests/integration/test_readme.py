@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -23,17 +22,10 @@ def test_readme_has_exactly_the_two_commands_and_ci_runs_the_test_one():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_main_job_quick(tmp_path):
+def test_main_job_quick(quick_demo):
     """`make demo` in its quick form: every stage of `posebert demo` on a sliver of the data,
     ending in the one results table; run again, it finds every stage done."""
-    r = subprocess.run(
-        ["make", "demo", f"OUT={tmp_path}", "DEMO_ARGS=--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    tmp_path, r = quick_demo.out, quick_demo.run  # run once per session (tests/conftest.py)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for split in ("train", "val", "test"):
         assert (tmp_path / "shards" / split / "manifest.json").is_file()

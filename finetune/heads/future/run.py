@@ -37,6 +37,7 @@ from finetune.heads.future.model import (
 )
 from finetune.heads.future.train import train
 from finetune.report import command_line, md_table, pyplot, write_stage
+from finetune.report.samples import write_samples
 
 METHODS = ("pose-gpt", "zero-velocity", "constant-velocity")
 
@@ -170,8 +171,25 @@ def run_future(shards: str | os.PathLike, out_dir: str | os.PathLike, config: Fu
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, config, fps, out)
+    write_samples(out, "future", **forecast_samples(model, eval_clips, config, fps))
     return write_stage(out, "future", result, markdown_table(result),
                        {"future": plot(result, losses)})  # fmt: skip
+
+
+def forecast_samples(model: PoseGPT, clips: list[Clip], cfg: FutureConfig, fps: float,
+                     count: int = 4) -> dict:  # fmt: skip
+    """A few held-out windows long enough for every horizon, evenly spaced, with Pose-GPT's
+    forecast: the arrays ``posebert report`` draws as strips."""
+    frames = horizon_frames(cfg.horizons_ms, fps)
+    windows, _ = eval_windows(clips, cfg.seed_frames, frames, cfg.eval_stride)
+    full = windows[np.isfinite(windows).all(axis=(1, 2, 3))]
+    if not len(full):  # no clip covers the longest horizon: the first windows, as they are
+        full = np.nan_to_num(windows[:count])
+    pick = full[np.linspace(0, len(full) - 1, min(count, len(full))).round().astype(int)]
+    relative = pick - pick[:, :, ROOT : ROOT + 1]
+    pred = forecast_windows(model, pick, cfg.seed_frames, max(frames), fps)
+    return {"seed": relative[:, : cfg.seed_frames], "true": relative[:, cfg.seed_frames :],
+            "pred": pred, "fps": fps, "label": "pose-gpt"}  # fmt: skip
 
 
 def markdown_table(result: dict) -> str:

@@ -129,6 +129,29 @@ class Fitted(Protocol):
         """The trained weights (saved as safetensors beside the results)."""
 
 
+class FittedModule:
+    """A fitted row that is one module: the weights are its ``state_dict``; a subclass adds
+    ``predict``."""
+
+    def __init__(self, model: torch.nn.Module, config: LiftConfig, losses: list[dict]) -> None:
+        self.model, self.config, self.losses = model.eval(), config, losses
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+
+def restore_module(fitted: type[FittedModule], build: Callable[[LiftConfig], torch.nn.Module]
+                   ) -> Callable[[LiftConfig, dict[str, torch.Tensor]], FittedModule]:  # fmt: skip
+    """The ``restore`` of a one-module method: ``build(config)``, load the saved weights."""
+
+    def restore(config: LiftConfig, state_dict: dict[str, torch.Tensor]) -> FittedModule:
+        model = build(config)
+        model.load_state_dict(state_dict)
+        return fitted(model, config, [])
+
+    return restore
+
+
 @dataclasses.dataclass
 class LiftMethod:
     name: str

@@ -60,17 +60,8 @@ from torch import nn
 
 from data_shards.skeleton import LEFT_JOINTS, NUM_JOINTS, PARENTS, RIGHT_JOINTS, ROOT
 from finetune.clips import Sequence
-from finetune.heads.lift.base import (
-    QUIET,
-    FitLog,
-    LiftConfig,
-    LiftData,
-    LiftMethod,
-    check_fields,
-    joint_distance,
-    labelled_clips,
-    model_inputs,
-)
+from finetune.heads.lift import base
+from finetune.heads.lift.base import LiftConfig, labelled_clips, model_inputs
 from finetune.heads.lift.data import normalize_2d, root_relative_m
 from finetune.loop import Part
 
@@ -123,7 +114,7 @@ class CyclicConfig(LiftConfig):
             "symmetry_weight": self.symmetry_weight >= 0,
             "skip": not self.skip or self.decoder_weight > 0,
         }  # fmt: skip
-        check_fields(self, checks, {"skip": " (the skip needs decoder_weight > 0)"})
+        base.check_fields(self, checks, {"skip": " (the skip needs decoder_weight > 0)"})
 
 
 # ------------------------------------------------------------------------------ the networks
@@ -244,19 +235,16 @@ def cycle_terms(model: CyclicLifter, x2d: torch.Tensor, pose3d: torch.Tensor,
     """The decoder's terms: ``decoder``, the cycle (predicted 3D -> the clean 2D) and, with
     ``decoder_pairs``, ``projector`` (the labelled frames' true 3D -> the clean 2D), which
     makes the decoder a projector before and while the encoder's 3D is still poor."""
-    terms = {"decoder": joint_distance(model.decode(pose3d, x2d), clean)}
+    terms = {"decoder": base.joint_distance(model.decode(pose3d, x2d), clean)}
     if config.decoder_pairs:  # 0 when the batch holds no labelled frame
-        terms["projector"] = joint_distance(model.decode(targets, x2d), clean, mask)
+        terms["projector"] = base.joint_distance(model.decode(targets, x2d), clean, mask)
     return terms
 
 
 # ------------------------------------------------------------------------------ fit
 
 
-class FittedCyclic:
-    def __init__(self, model: CyclicLifter, config: CyclicConfig, losses: list[dict]) -> None:
-        self.model, self.config, self.losses = model.eval(), config, losses
-
+class FittedCyclic(base.FittedModule):
     @torch.no_grad()
     def predict(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
         out = []
@@ -265,17 +253,11 @@ class FittedCyclic:
             out.append(self.model.encode(x).numpy() * 1000.0)  # metres -> mm
         return out
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
+
+restore = base.restore_module(FittedCyclic, CyclicLifter)
 
 
-def restore(config: CyclicConfig, state_dict: dict[str, torch.Tensor]) -> FittedCyclic:
-    model = CyclicLifter(config)
-    model.load_state_dict(state_dict)
-    return FittedCyclic(model, config, [])
-
-
-def fit(data: LiftData, config: CyclicConfig, log: FitLog = QUIET) -> FittedCyclic:
+def fit(data: base.LiftData, config: CyclicConfig, log: base.FitLog = base.QUIET) -> FittedCyclic:
     torch.manual_seed(config.seed)
     frames = train_frames(data.train, config)
     if frames["mask"].sum() == 0:
@@ -293,7 +275,7 @@ def fit(data: LiftData, config: CyclicConfig, log: FitLog = QUIET) -> FittedCycl
         x2d, clean, y3d, w = (frames[k][idx].to(trainer.device)
                               for k in ("inputs", "clean", "targets", "mask"))  # fmt: skip
         pose3d = model.encode(x2d)
-        terms = {"encoder": joint_distance(pose3d, y3d, w)}
+        terms = {"encoder": base.joint_distance(pose3d, y3d, w)}
         if config.decoder_weight > 0:
             terms.update(cycle_terms(model, x2d, pose3d, clean, y3d, w, config))
         if config.symmetry_weight > 0:
@@ -312,7 +294,7 @@ ROWS = {
     "+ skip": {"decoder_weight": 1.0, "symmetry_weight": 1.0, "skip": True},
 }
 
-METHOD = LiftMethod(
+METHOD = base.LiftMethod(
     name="cyclic",
     config=CyclicConfig,
     rows=ROWS,

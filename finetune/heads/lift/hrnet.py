@@ -58,16 +58,8 @@ from torch import nn
 
 from data_shards.skeleton import NUM_JOINTS, ROOT
 from finetune.clips import Sequence
-from finetune.heads.lift.base import (
-    QUIET,
-    FitLog,
-    LiftConfig,
-    LiftData,
-    LiftMethod,
-    check_fields,
-    joint_distance,
-    labelled_clips,
-)
+from finetune.heads.lift import base
+from finetune.heads.lift.base import LiftConfig, labelled_clips
 from finetune.heads.lift.cyclic import CyclicConfig, CyclicLifter, bone_symmetry_loss
 from finetune.heads.lift.data import normalize_2d, root_relative_m
 from finetune.loop import Part
@@ -141,7 +133,7 @@ class HRNetConfig(LiftConfig):
                "skip": " (the skip needs decoder_weight > 0)",
                "noise_px": " (the image head sees frames, not keypoints)",
                "drop_prob": " (the image head sees frames, not keypoints)"}  # fmt: skip
-        check_fields(self, checks, why)
+        base.check_fields(self, checks, why)
 
     def lifter(self) -> CyclicConfig:
         return CyclicConfig(width=self.width, blocks=self.blocks,
@@ -283,16 +275,16 @@ def loss_terms(model: ImageLifter, out: dict, batch: dict[str, torch.Tensor],
     as in :func:`finetune.heads.lift.cyclic.cycle_terms`); with the skip it corrects the soft-argmax
     2D."""
     unit, targets, mask = batch["unit"], batch["targets"], batch["mask"]
-    terms = {"encoder": joint_distance(out["pose3d"], targets, mask)}
+    terms = {"encoder": base.joint_distance(out["pose3d"], targets, mask)}
     if config.heatmap_weight > 0:
         h, w = out["heatmaps"].shape[-2:]
         target = gaussian_heatmaps(unit * unit.new_tensor([w, h]), (h, w), config.sigma)
         terms["heatmap"] = F.mse_loss(out["heatmaps"], target)
     if config.decoder_weight > 0:
         clean = lifter_input(unit, batch["image_size"])
-        terms["decoder"] = joint_distance(out["recon"], clean)
+        terms["decoder"] = base.joint_distance(out["recon"], clean)
         recon = model.lifter.decode(targets, out["x2d"].detach())
-        terms["projector"] = joint_distance(recon, clean, mask)  # 0 with no labelled frame
+        terms["projector"] = base.joint_distance(recon, clean, mask)  # 0 with no labelled frame
     if config.symmetry_weight > 0:
         terms["symmetry"] = bone_symmetry_loss(out["pose3d"])
     return terms
@@ -305,10 +297,7 @@ def total_loss(terms: dict[str, torch.Tensor], config: HRNetConfig) -> torch.Ten
     return sum(weights[k] * v for k, v in terms.items())
 
 
-class FittedHRNet:
-    def __init__(self, model: ImageLifter, config: HRNetConfig, losses: list[dict]) -> None:
-        self.model, self.config, self.losses = model.eval(), config, losses
-
+class FittedHRNet(base.FittedModule):
     @torch.no_grad()
     def predict(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
         """Needs the sequences' frames (read with ``frames=True, size=image_size``)."""
@@ -321,22 +310,16 @@ class FittedHRNet:
                 out.append(torch.cat(chunks).numpy() * 1000.0)  # metres -> mm
         return out
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
+
+restore = base.restore_module(FittedHRNet, ImageLifter)
 
 
-def restore(config: HRNetConfig, state_dict: dict[str, torch.Tensor]) -> FittedHRNet:
-    model = ImageLifter(config)
-    model.load_state_dict(state_dict)
-    return FittedHRNet(model, config, [])
-
-
-def fit(data: LiftData, config: HRNetConfig, log: FitLog = QUIET) -> FittedHRNet:
+def fit(data: base.LiftData, config: HRNetConfig, log: base.FitLog = base.QUIET) -> FittedHRNet:
     with torch_threads(config.threads):
         return _fit(data, config, log)
 
 
-def _fit(data: LiftData, config: HRNetConfig, log: FitLog) -> FittedHRNet:
+def _fit(data: base.LiftData, config: HRNetConfig, log: base.FitLog) -> FittedHRNet:
     torch.manual_seed(config.seed)
     train = train_set(data.train, config)
     if train["mask"].sum() == 0:
@@ -368,7 +351,7 @@ ROWS = {
     "+ skip": {**REGULARISERS, "skip": True},
 }
 
-METHOD = LiftMethod(
+METHOD = base.LiftMethod(
     name="hrnet",
     config=HRNetConfig,
     rows=ROWS,

@@ -29,17 +29,8 @@ from torch import nn
 
 from data_shards.skeleton import NUM_JOINTS, ROOT
 from finetune.clips import Sequence
-from finetune.heads.lift.base import (
-    QUIET,
-    FitLog,
-    LiftConfig,
-    LiftData,
-    LiftMethod,
-    check_fields,
-    joint_distance,
-    labelled_clips,
-    model_inputs,
-)
+from finetune.heads.lift import base
+from finetune.heads.lift.base import LiftConfig, labelled_clips, model_inputs
 from finetune.heads.lift.cyclic import frame_inputs
 from finetune.heads.lift.data import root_relative_m
 from finetune.loop import Part
@@ -78,7 +69,7 @@ class SelfCorrectConfig(LiftConfig):
             "projector_steps": self.projector_steps >= 1,
             "correction_weight": self.correction_weight >= 0, "labels": self.labels > 0,
         }  # fmt: skip
-        check_fields(self, checks)
+        base.check_fields(self, checks)
 
 
 # ------------------------------------------------------------------------------ the networks
@@ -174,7 +165,7 @@ def sample_windows(clips: Clips, indices: list[int], count: int, window: int,
 
 
 def fit_projector(clips: Clips, labelled: list[int], config: SelfCorrectConfig,
-                  log: FitLog = QUIET) -> tuple[Projector, list[dict]]:  # fmt: skip
+                  log: base.FitLog = base.QUIET) -> tuple[Projector, list[dict]]:  # fmt: skip
     """Fits the projector on the labelled frames' (3D, 2D) pairs (``projector_steps`` of the
     config's optimiser and schedule), then freezes it; logged as the ``projector`` part."""
     trainer = log.trainer(config, "projector")
@@ -187,7 +178,7 @@ def fit_projector(clips: Clips, labelled: list[int], config: SelfCorrectConfig,
     def step(i: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(len(pose3d), (batch,), generator=generator)
         x, y = pose3d[idx].to(trainer.device), pose2d[idx].to(trainer.device)
-        return {"projector": joint_distance(projector(x), y)}
+        return {"projector": base.joint_distance(projector(x), y)}
 
     losses = trainer.fit(step, Part(projector.parameters(), config.optim, loss="projector"),
                          config.projector_steps)  # fmt: skip
@@ -240,7 +231,8 @@ def restore(config: SelfCorrectConfig, state_dict: dict[str, torch.Tensor]
                              [], [])  # fmt: skip
 
 
-def fit(data: LiftData, config: SelfCorrectConfig, log: FitLog = QUIET) -> FittedSelfCorrect:
+def fit(data: base.LiftData, config: SelfCorrectConfig,
+        log: base.FitLog = base.QUIET) -> FittedSelfCorrect:
     torch.manual_seed(config.seed)
     clips = train_clips(data.train, config)
     labelled = [i for i, t in enumerate(clips.targets) if t is not None]
@@ -257,13 +249,13 @@ def fit(data: LiftData, config: SelfCorrectConfig, log: FitLog = QUIET) -> Fitte
     def step(i: int) -> dict[str, torch.Tensor]:
         x, y, w = (t.to(trainer.device) for t in sample_windows(
             clips, labelled, config.batch_size, config.window, generator))  # fmt: skip
-        terms = {"supervised": joint_distance(lifter(x).flatten(0, 1), y.flatten(0, 1),
+        terms = {"supervised": base.joint_distance(lifter(x).flatten(0, 1), y.flatten(0, 1),
                                               w.flatten())}  # fmt: skip
         if config.correction_weight > 0:  # every clip, its 2D only (y is never drawn here)
             xu, _, wu = sample_windows(unlabelled, everything, config.batch_size,
                                        config.window, generator)  # fmt: skip
             xu, wu = xu.to(trainer.device), wu.to(trainer.device)
-            terms["correction"] = joint_distance(projector(lifter(xu)).flatten(0, 1),
+            terms["correction"] = base.joint_distance(projector(lifter(xu)).flatten(0, 1),
                                                  xu.flatten(0, 1), wu.flatten())  # fmt: skip
         loss = terms["supervised"] + config.correction_weight * terms.get("correction", 0.0)
         return {"loss": loss, **terms}
@@ -280,7 +272,7 @@ ROWS = {
     "10% labels + correction (unlabelled clips)": {"labels": 0.1, "correction_weight": 1.0},
 }
 
-METHOD = LiftMethod(
+METHOD = base.LiftMethod(
     name="selfcorrect",
     config=SelfCorrectConfig,
     rows=ROWS,

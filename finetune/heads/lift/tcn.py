@@ -39,16 +39,8 @@ import torch
 from data_shards.skeleton import BONES, ROOT, flip_permutation
 from finetune.clips import Sequence
 from finetune.evaluation.metrics import mpjpe
-from finetune.heads.lift.base import (
-    QUIET,
-    FitLog,
-    LiftConfig,
-    LiftData,
-    LiftMethod,
-    check_fields,
-    labelled_clips,
-    model_inputs,
-)
+from finetune.heads.lift import base
+from finetune.heads.lift.base import LiftConfig, labelled_clips, model_inputs
 from finetune.heads.lift.data import normalize_2d, root_relative_m
 from finetune.heads.lift.videopose3d import (
     TCNShape,
@@ -101,7 +93,7 @@ class TCNConfig(LiftConfig):
             "warmup": 0 <= self.warmup < 1, "bone_weight": self.bone_weight >= 0,
             "labels": self.labels > 0,  # a supervised loss needs at least one clip
         }  # fmt: skip
-        check_fields(self, checks)
+        base.check_fields(self, checks)
 
     def shape(self, joints_out: int = 17) -> TCNShape:
         return TCNShape(
@@ -269,7 +261,7 @@ def _pools(train: list[Sequence], config: TCNConfig) -> tuple[_Pool, _Pool | Non
     return lab, unl
 
 
-def fit(data: LiftData, config: TCNConfig, log: FitLog = QUIET) -> FittedTCN:
+def fit(data: base.LiftData, config: TCNConfig, log: base.FitLog = base.QUIET) -> FittedTCN:
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     lab, unl = _pools(data.train, config)
@@ -323,7 +315,7 @@ ROWS = {
     "rf27 10% labels + unlabelled": {"labels": 0.1, "semi": True},
 }
 
-METHOD = LiftMethod(
+METHOD = base.LiftMethod(
     name="tcn",
     config=TCNConfig,
     rows=ROWS,

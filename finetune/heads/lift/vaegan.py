@@ -55,16 +55,8 @@ from torch import nn
 
 from data_shards.skeleton import ROOT
 from finetune.clips import Sequence
-from finetune.heads.lift.base import (
-    QUIET,
-    FitLog,
-    LiftConfig,
-    LiftData,
-    LiftMethod,
-    check_fields,
-    labelled_clips,
-    model_inputs,
-)
+from finetune.heads.lift import base
+from finetune.heads.lift.base import LiftConfig, labelled_clips, model_inputs
 from finetune.heads.lift.data import root_relative_m
 from finetune.heads.lift.geometry16 import (
     BONES16,
@@ -131,7 +123,7 @@ class VAEGANConfig(LiftConfig):
             "lambda_disc": self.lambda_disc >= 0, "warmup_epochs": self.warmup_epochs >= 0,
             "cycle_epochs": self.cycle_epochs > 0, "kl_ramp": 0 < self.kl_ramp <= 1,
         }  # fmt: skip
-        check_fields(self, checks)
+        base.check_fields(self, checks)
 
 
 def kl_beta(step: int, steps_per_epoch: int, config: VAEGANConfig) -> float:
@@ -238,7 +230,8 @@ def _batched(fn, x: np.ndarray, size: int = 4096) -> np.ndarray:
     return torch.cat(chunks).numpy()
 
 
-def _train_arrays(data: LiftData, config: VAEGANConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _train_arrays(data: base.LiftData, config: VAEGANConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Train inputs (M, 16, 2) and, for the supervised row only, targets (M, 16, 3) metres."""
     train = data.train
     px = model_inputs(train, config, "train")
@@ -279,7 +272,7 @@ class _Epochs:
         return self.order[k * self.size : (k + 1) * self.size]
 
 
-def fit(data: LiftData, config: VAEGANConfig, log: FitLog = QUIET) -> VAEGANFitted:
+def fit(data: base.LiftData, config: VAEGANConfig, log: base.FitLog = base.QUIET) -> VAEGANFitted:
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     x_all, y_all = _train_arrays(data, config)
@@ -366,7 +359,7 @@ def latent_plot(fitted: VAEGANFitted, sequences: list[Sequence], path: str | Pat
     return save_figure(fig, path)
 
 
-METHOD = LiftMethod(
+METHOD = base.LiftMethod(
     name="vaegan",
     config=VAEGANConfig,
     rows={

@@ -36,6 +36,7 @@ from finetune.heads.pose.config import PoseConfig
 from finetune.heads.pose.model import MM_PER_UNIT, PosePredictor, PoseRegressor, save_head
 from finetune.heads.pose.report import write_outputs
 from finetune.heads.pose.train import fit_full, fit_probe, load_windows, probe_arrays
+from finetune.report.samples import write_samples
 
 
 class SplitLabels(NamedTuple):
@@ -107,15 +108,18 @@ def run_pose(encoder_dir: str | os.PathLike, shards: str | os.PathLike,
                 for f in config.label_fractions}  # fmt: skip
     encoders = {"pretrained": pretrained.model,
                 "random-init": random_init_like(pretrained.model, config.seed)}  # fmt: skip
-    rows, curves, eval_emb = [], {}, None
+    rows, curves, eval_emb, best = [], {}, None, None
     for name, encoder in encoders.items():
         fingerprint = pretrained.fingerprint if name == "pretrained" else None
         for mode in config.modes:
             train_fn = _probe_rows if mode == "probe" else _full_rows
-            for row, curve, held in train_fn(ctx, name, encoder, fingerprint, labelled):
+            for row, curve, held, pred in train_fn(ctx, name, encoder, fingerprint, labelled):
                 rows.append(row)
                 curves[_label(row)] = curve
                 eval_emb = held  # the held-out rows' poses and labels, for the mean-pose row
+                if best is None or row["all"]["mpjpe"] < best[0]["all"]["mpjpe"]:
+                    best = (row, pred, held)
+    write_samples(out, "pose", **_samples(*best))
     pred = np.broadcast_to(train_labels.mean_pose, eval_emb.pose3d.shape)
     rows.append(_row("mean pose", "-", 1.0, len(train_labels.keys), 0,
                      score(pred, eval_emb, ctx.T), 0.0))  # fmt: skip
@@ -148,7 +152,7 @@ def _probe_rows(ctx: _Context, name: str, encoder, fingerprint, labelled: dict):
         row = _row(name, "probe", fraction, len(keys), ctx.config.probe.steps,
                    score(pred, held, ctx.T), time.perf_counter() - t0)  # fmt: skip
         _save(ctx, PoseRegressor(encoder, head, normalize=True), row)
-        yield row, history, held
+        yield row, history, held, pred
 
 
 def _full_rows(ctx: _Context, name: str, encoder, fingerprint, labelled: dict):
@@ -170,7 +174,14 @@ def _full_rows(ctx: _Context, name: str, encoder, fingerprint, labelled: dict):
         row = _row(name, "full", fraction, len(keys), ctx.config.full.steps,
                    score(pred, pred_emb, ctx.T), time.perf_counter() - t0)  # fmt: skip
         _save(ctx, model, row)
-        yield row, history, pred_emb
+        yield row, history, pred_emb, pred
+
+
+def _samples(row: dict, pred: np.ndarray, emb: Embeddings, count: int = 8) -> dict:
+    """A few held-out frames of the best row, evenly spaced, for ``posebert report``."""
+    pick = np.linspace(0, len(pred) - 1, min(count, len(pred))).round().astype(int)
+    return {"pred": pred[pick], "true": emb.pose3d[pick], "action": emb.actions[pick],
+            "label": _label(row)}  # fmt: skip
 
 
 def _slug(label: str) -> str:

@@ -144,21 +144,6 @@ def test_loader_workers_keep_manifest_order(split):
     assert_same_rows(workers, plain)
 
 
-def test_launch_retrieval_reruns_the_command(monkeypatch):
-    seen = {}
-
-    def fake_launch(nproc, argv):
-        seen.update(nproc=nproc, argv=argv)
-        return 0
-
-    monkeypatch.setattr("pretrain.engine.launch.launch_local", fake_launch)
-    argv = ["--encoder", "E", "--nproc-per-node", "2", "--shards", "S", "--nproc-per-node=2"]
-    assert evaluate.launch_retrieval(argv, 2) == 0
-    assert seen["nproc"] == 2
-    assert seen["argv"][1:] == ["-m", "posebert", "evaluate", "retrieval", "--encoder", "E",
-                                "--shards", "S"]  # fmt: skip
-
-
 def _ranks_in_threads(split, cache, world: int, timeout_s: float = 60) -> dict:
     out: dict = {}
 
@@ -222,7 +207,7 @@ def test_retrieval_under_two_ranks_equals_one_process(tmp_path):
     (enc / CONFIG).write_text(json.dumps({"model": to_dict(model.cfg), "input": {"size": None}}))
     one = evaluate.run_retrieval(enc, tmp_path / "shards", tmp_path / "one",
                                  RetrievalConfig(gpu=False), progress=False)  # fmt: skip
-    # what `posebert evaluate retrieval --nproc-per-node 2` runs on each rank (launch_retrieval)
+    # what `posebert evaluate retrieval --nproc-per-node 2` runs on each rank (relaunch)
     rank = ("from finetune.evaluation.evaluate import run_retrieval\n"
             "from finetune.evaluation.retrieval import RetrievalConfig\n"
             f"r = run_retrieval({str(enc)!r}, {str(tmp_path / 'shards')!r}, "

@@ -270,6 +270,12 @@ def test_run_future_end_to_end(shards, tmp_path):
     assert result["training"]["loss_last10"] < result["training"]["loss_first10"]
     table = (tmp_path / "future.md").read_text()
     assert "| pose-gpt |" in table and "320 ms" in table
+    from finetune.report.samples import read_samples
+
+    samples = read_samples(tmp_path, "future")  # forecast strips for the report
+    assert samples["seed"].shape[1:] == (cfg.seed_frames, NUM_JOINTS, 3)
+    assert samples["pred"].shape == samples["true"].shape and samples["fps"] == FPS
+    np.testing.assert_allclose(samples["true"][:, :, 0], 0, atol=1e-3)  # root-relative
     model = fut.load_model(tmp_path)
     windows = np.stack([moving_clip(26)])
     assert np.isfinite(fut.forecast_windows(model, windows, 10, 16, FPS)).all()

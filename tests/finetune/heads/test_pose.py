@@ -163,6 +163,12 @@ def test_run_pose_end_to_end(encoder_and_shards, tmp_path):
     assert scan_split(shards / "train").keys == [f"train{i}" for i in range(8)]
     for r in rows[:-1]:  # every trained row logged its steps and was saved
         assert (tmp_path / "out" / "heads" / r["weights"]).is_file()
+    from finetune.report.samples import read_samples
+
+    samples = read_samples(tmp_path / "out", "pose")  # the best row's frames, for the report
+    best = min(rows[:-1], key=lambda r: r["all"]["mpjpe"])
+    assert samples["label"] == f"{best['encoder']} {best['mode']} {best['labels']:.0%}"
+    assert samples["pred"].shape == samples["true"].shape == (8, NUM_JOINTS, 3)
     logs = sorted(p.parent.name for p in (tmp_path / "out" / "logs").glob("*/metrics.jsonl"))
     assert len(logs) == 8 and "pretrained-probe-25pct" in logs
 
