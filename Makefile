@@ -10,7 +10,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,video]'
+	$(BIN)/pip install -q -c constraints.txt --no-deps mediapipe==0.10.14  # see pyproject.toml
 	touch $@
 
 # Main job: the whole pipeline on the embedded real-motion data (shards, DeepSpeed pretraining

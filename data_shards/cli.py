@@ -103,6 +103,9 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--action", default="unlabeled", help="action label of these videos")
     p.add_argument("--split", default="train", help="split name to write")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of FILES held out")
+    p.add_argument("--detect", action="store_true",
+                   help="find and track the person: person-centred crops and the detector's 2D "
+                   "keypoints (needs mediapipe; a --keypoints file still wins)")  # fmt: skip
     _add_set(p)
     p.set_defaults(handler=cmd_video)
 
@@ -163,7 +166,7 @@ def cmd_video(args: argparse.Namespace) -> int:
 
     config, writer = _configs(args, VideoConfig(
         size=(args.size, args.size), frames=args.frames, stride=args.stride, fps=args.fps,
-        keypoints=args.keypoints, action=args.action))
+        keypoints=args.keypoints, action=args.action, detect=args.detect))
     manifests = ingest_videos(args.files, args.out, config, writer, split=args.split,
                               val_fraction=args.val_fraction,
                               progress=sys.stderr.isatty())  # fmt: skip

@@ -13,6 +13,10 @@ Members of sample ``KEY`` (``KEY.<member>`` inside the tar):
 - ``pose2d.npy``: 2D joints per view, (V, T, J, 2) float32, pixels of the frame.
 - ``cam_k.npy``: intrinsics per view and time, (V, T, 3, 3) float32, pixels of the frame.
 - ``cam_rt.npy``: extrinsics per view, (V, 3, 4) float64, [R | t] world -> camera, t in mm.
+- ``det2d.npy``: a 2D detector's joints per view, (V, T, J, 3) float32: x, y in pixels of the
+  frame and a confidence in [0, 1]; a frame where the detector found no person has confidence
+  0 (and x = y = 0) for every joint. Beside ``pose2d`` (ground truth, or the same detections
+  for a video ingested with ``--detect``).
 - ``meta.json``: metadata (:class:`Meta`), UTF-8 JSON.
 
 Everything but ``meta.json`` is optional; ``meta.has`` says which members a sample carries, and
@@ -39,10 +43,11 @@ POSE3D = "pose3d.npy"
 POSE2D = "pose2d.npy"
 CAM_K = "cam_k.npy"
 CAM_RT = "cam_rt.npy"
+DET2D = "det2d.npy"
 META = "meta.json"
 FRAME_RE = re.compile(r"^v(\d{2})\.t(\d{3})\.jpg$")
 
-OPTIONAL_PARTS = ("frames", "masks", "pose3d", "pose2d", "cameras")
+OPTIONAL_PARTS = ("frames", "masks", "pose3d", "pose2d", "cameras", "det2d")
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -154,6 +159,8 @@ class Sample:
     """(V, T, 3, 3) float32 intrinsics."""
     Rt: np.ndarray | None = None
     """(V, 3, 4) float64 extrinsics [R | t], t in mm."""
+    det2d: np.ndarray | None = None
+    """(V, T, J, 3) float32: detector x, y (pixels) and confidence (0 where nobody was found)."""
     jpegs: list[list[bytes]] | None = field(default=None, repr=False)
     """Encoded frames [view][time] when frame decoding was deferred (``decode_frames=False``)."""
 
@@ -223,6 +230,8 @@ def encode_sample(sample: Sample, jpeg_quality: int = 90) -> dict[str, bytes | s
     if m.has.get("cameras"):
         out[CAM_K] = _npy_bytes(sample.K.astype(np.float32))
         out[CAM_RT] = _npy_bytes(sample.Rt.astype(np.float64))
+    if m.has.get("det2d"):
+        out[DET2D] = _npy_bytes(sample.det2d.astype(np.float32))
     return out
 
 
@@ -277,6 +286,8 @@ def decode_sample(raw: dict[str, bytes], decode_frames: bool = True) -> Sample:
     if meta.has.get("cameras"):
         s.K = _load_npy(key, raw, CAM_K, np.float32)
         s.Rt = _load_npy(key, raw, CAM_RT, np.float64)
+    if meta.has.get("det2d"):
+        s.det2d = _load_npy(key, raw, DET2D, np.float32)
     validate(s)
     return s
 
@@ -333,3 +344,7 @@ def validate(s: Sample) -> None:
     if m.has.get("cameras"):
         _check_array(s.key, CAM_K, s.K, (V, T, 3, 3), finite=True)
         _check_array(s.key, CAM_RT, s.Rt, (V, 3, 4), finite=True)
+    if m.has.get("det2d"):
+        _check_array(s.key, DET2D, s.det2d, (V, T, J, 3), finite=True)
+        if s.det2d[..., 2].min() < 0 or s.det2d[..., 2].max() > 1:
+            raise SampleError(s.key, DET2D, "confidence outside [0, 1]")

@@ -221,7 +221,7 @@ def render_job(renderer: BodyRenderer, job: Job, config: SynthConfig) -> schema.
         source=SOURCE, clip=job.clip, action=job.clip, subject="humanoid", fps=config.fps,
         frames=list(range(job.start, job.start + T)),
         views=[schema.View(cams[v % C].name, job.appearances[v // C]) for v in range(V)],
-        image_size=(S, S), has={part: True for part in schema.OPTIONAL_PARTS},
+        image_size=(S, S), has={part: part != "det2d" for part in schema.OPTIONAL_PARTS},
         extra={"height_scale": height, "appearances": looks, "seed": config.seed,
                "rig_centre_mm": list(rig_centre(job.clip, config.fps)),
                "crop_margin": config.crop_margin, "renderer": "pybullet TinyRenderer"},

@@ -89,8 +89,8 @@ class TemporalCrop:
         return dataclasses.replace(s, meta=meta, pose3d=pose3d, **parts)
 
 
-_PER_VIEW = ("frames", "masks", "pose2d", "K", "Rt", "jpegs")
-_PER_VIEW_TIME = ("frames", "masks", "pose2d", "K", "jpegs")  # axis 0 = V, axis 1 = T
+_PER_VIEW = ("frames", "masks", "pose2d", "det2d", "K", "Rt", "jpegs")
+_PER_VIEW_TIME = ("frames", "masks", "pose2d", "det2d", "K", "jpegs")  # axis 0 = V, axis 1 = T
 
 
 def _take(part: Any, idx: np.ndarray) -> Any:
@@ -112,7 +112,8 @@ def collate(
 
     frames (B, V, T, 3, H, W) uint8 (or ``jpegs`` [b][v][t] bytes with frames='jpeg'),
     masks (B, V, T, H, W) bool, pose3d (B, T, J, 3) mm, pose2d (B, V, T, J, 2) px,
-    K (B, V, T, 3, 3), Rt (B, V, 3, 4) in ``float_dtype``; keys, meta, index (positions).
+    K (B, V, T, 3, 3), Rt (B, V, 3, 4), det2d (B, V, T, J, 3) in ``float_dtype``; keys, meta,
+    index (positions).
     """
     samples = [s for _, s in items]
     first = samples[0]
@@ -133,7 +134,7 @@ def collate(
     if masks and first.masks is not None:
         out["masks"] = _empty((len(samples), *first.masks.shape), torch.bool)
         np.stack([s.masks for s in samples], out=out["masks"].numpy())
-    for name in ("pose3d", "pose2d", "K", "Rt"):
+    for name in ("pose3d", "pose2d", "K", "Rt", "det2d"):
         if getattr(first, name) is not None:
             arr = np.stack([getattr(s, name) for s in samples]).astype(float_dtype, copy=False)
             out[name] = torch.from_numpy(arr)
@@ -183,6 +184,10 @@ class Resize:
         if s.pose2d is not None:
             out["pose2d"] = (s.pose2d * np.array([sx, sy], dtype=s.pose2d.dtype)).astype(
                 s.pose2d.dtype
+            )
+        if s.det2d is not None:  # x, y scale; the confidence stays
+            out["det2d"] = (s.det2d * np.array([sx, sy, 1.0], dtype=s.det2d.dtype)).astype(
+                s.det2d.dtype
             )
         if s.K is not None:
             scale = np.diag([sx, sy, 1.0]).astype(s.K.dtype)

@@ -133,4 +133,10 @@ def stats_table(root: str | os.PathLike) -> str:
             f"{a:<{width}} " + " ".join(f"{splits[n].actions.get(a, 0):>8}" for n in names)
         )
     lines.append(f"{'total':<{width}} " + " ".join(f"{splits[n].samples:>8}" for n in names))
+    for name, m in splits.items():  # videos ingested with --detect
+        for file, c in (m.source or {}).get("detection", {}).items():
+            seen = c.get("detected", 0) + c.get("lost", 0)
+            rate = c.get("detected", 0) / seen if seen else 0.0
+            lines.append(f"{name}: {file}: person found in {c.get('detected', 0)} of {seen} "
+                         f"frames ({rate:.1%}), {c.get('lost', 0)} dropped")  # fmt: skip
     return "\n".join(lines)

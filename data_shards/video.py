@@ -17,6 +17,7 @@ repeats frames.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import os
 import random
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_shards.camera import crop_intrinsics
+from data_shards.detect import DetectConfig, PersonCrops
 from data_shards.manifest import Manifest
 from data_shards.schema import Meta, Sample, View, make_key
 from data_shards.skeleton import NUM_JOINTS
@@ -72,6 +74,13 @@ class VideoConfig:
     """A directory holding ``<video stem>.npy|.json`` for every video, or one file (one video)."""
     action: str | None = None
     """Action label of every sample; None = 'unlabeled'."""
+    detect: bool = False
+    """Find and track the person (:mod:`data_shards.detect`): a square, person-centred crop per
+    frame instead of ``crop_box``, the detector's 17 joints as ``pose2d`` (a ``keypoints``
+    file still wins) and, with their confidences, as ``det2d``; frames where the person is lost
+    are dropped and counted, and no window spans such a gap."""
+    detector: DetectConfig = field(default_factory=DetectConfig)
+    """Detector, tracking and crop settings (with ``detect``)."""
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -90,6 +99,8 @@ class VideoConfig:
             object.__setattr__(self, "crop_box", box)
         if self.action is not None and not self.action.strip():
             raise ValueError("action label must not be empty")
+        if self.detect and self.crop_box is not None:
+            raise ValueError("crop_box and detect exclude each other: the person sets the crop")
 
     @property
     def window_stride(self) -> int:
@@ -193,8 +204,11 @@ class _Frame:
     """Output frame index (at the output rate)."""
     source: int
     """Index of the decoded frame it was taken from."""
-    image: np.ndarray
+    image: np.ndarray | None
+    """None: the detector lost the person on this frame (dropped; windows break here)."""
     keypoints: np.ndarray | None
+    det2d: np.ndarray | None = None
+    """(17, 3) detector joints in output pixels and confidences (``detect``)."""
 
 
 def _decode(path: Path, config: VideoConfig, kp_path: Path | None, info: dict) -> Iterator[_Frame]:
@@ -209,7 +223,8 @@ def _decode(path: Path, config: VideoConfig, kp_path: Path | None, info: dict) -
     except (av.FFmpegError, OSError) as e:
         reason = getattr(e, "strerror", None) or str(e)  # str(e) repeats the path
         raise VideoError(path, f"not a readable video ({reason})") from None
-    with container:
+    people = PersonCrops(config.detector) if config.detect else None
+    with container, people or contextlib.nullcontext():
         if not container.streams.video:
             raise VideoError(path, "no video stream")
         stream = container.streams.video[0]
@@ -233,18 +248,39 @@ def _decode(path: Path, config: VideoConfig, kp_path: Path | None, info: dict) -
                 # nearest source frame of output frame k is round(k * ratio) (exact fractions)
                 if math.floor(next_out * ratio + Fraction(1, 2)) != i:
                     continue
-                image = crop_resize(frame.to_image(), box, config.size)
-                pts = transform_points(kp[i], box, config.size) if kp is not None else None
+                image, det2d, box = _frame_crop(frame, box, config, people)
+                pts = None if kp is None or image is None else transform_points(
+                    kp[i], box, config.size)  # fmt: skip
+                if pts is None and det2d is not None:
+                    pts = det2d[:, :2].astype(np.float64)
                 while math.floor(next_out * ratio + Fraction(1, 2)) == i:
-                    yield _Frame(next_out, i, image, pts)
+                    yield _Frame(next_out, i, image, pts, det2d)
                     next_out += 1
         except av.FFmpegError as e:
             raise VideoError(path, f"decoding failed after frame {i} ({e})") from None
         info["decoded"] = i + 1
+        if people is not None:
+            info.update(detected=people.found, lost=people.lost)
         if i < 0:
             raise VideoError(path, "no decodable video frame")
         if kp is not None and len(kp) != i + 1:
             raise VideoError(path, f"{kp_says}, the video has {i + 1}")
+
+
+def _frame_crop(frame: av.VideoFrame, box: Box, config: VideoConfig, people: PersonCrops | None
+                ) -> tuple[np.ndarray | None, np.ndarray | None, Box]:  # fmt: skip
+    """(output image, det2d in output pixels, crop box) of one decoded frame; with detection,
+    (None, None, box) when the person is lost."""
+    if people is None:
+        return crop_resize(frame.to_image(), box, config.size), None, box
+    full = frame.to_ndarray(format="rgb24")
+    found = people(full)
+    if found is None:
+        return None, None, box
+    box, det = found
+    det2d = det.as_det2d()
+    det2d[:, :2] = transform_points(det.joints, box, config.size)
+    return crop_resize(full, box, config.size), det2d, box
 
 
 def _sample(path: Path, clip: str, window: list[_Frame], config: VideoConfig, info: dict) -> Sample:
@@ -257,7 +293,8 @@ def _sample(path: Path, clip: str, window: list[_Frame], config: VideoConfig, in
         frames=[f.index for f in window],
         views=[View("video", 0)],
         image_size=config.size,
-        has={"frames": True, "masks": False, "pose3d": False, "pose2d": has_kp, "cameras": False},
+        has={"frames": True, "masks": False, "pose3d": False, "pose2d": has_kp, "cameras": False,
+             "det2d": config.detect},
         extra={
             "file": path.name,
             "source_frames": [f.source for f in window],
@@ -268,7 +305,9 @@ def _sample(path: Path, clip: str, window: list[_Frame], config: VideoConfig, in
     )
     frames = np.stack([f.image for f in window])[None]  # (V=1, T, H, W, 3)
     pose2d = np.stack([f.keypoints for f in window])[None].astype(np.float32) if has_kp else None
-    return Sample(make_key(clip, f"{window[0].index:06d}"), meta, frames=frames, pose2d=pose2d)
+    det2d = np.stack([f.det2d for f in window])[None] if config.detect else None
+    return Sample(make_key(clip, f"{window[0].index:06d}"), meta, frames=frames, pose2d=pose2d,
+                  det2d=det2d)
 
 
 def clip_name(path: str | os.PathLike) -> str:
@@ -288,26 +327,37 @@ def check_clip_names(files: Sequence[str | os.PathLike]) -> None:
             raise VideoError(f, f"clip name {clip_name(f)!r} clashes with {other}; rename one")
 
 
-def _file_samples(path: Path, config: VideoConfig, kp_path: Path | None) -> Iterator[Sample]:
+def _file_samples(path: Path, config: VideoConfig, kp_path: Path | None,
+                  stats: dict | None = None) -> Iterator[Sample]:  # fmt: skip
     """Windows of one file; logs a warning and yields nothing when it is shorter than T."""
     clip, T, stride = clip_name(path), config.frames, config.window_stride
     info: dict = {}
     buffer: deque[_Frame] = deque(maxlen=T)
     count = 0
     for frame in _decode(path, config, kp_path, info):
+        if frame.image is None:  # the person was lost: no window spans this frame
+            buffer.clear()
+            continue
         buffer.append(frame)
         start = frame.index - T + 1
-        if start >= 0 and start % stride == 0:
+        if len(buffer) == T and start % stride == 0:
             count += 1
             yield _sample(path, clip, list(buffer), config, info)
-    if count == 0:
+    if stats is not None:
+        stats[path.name] = {k: info[k] for k in ("decoded", "detected", "lost") if k in info}
+    if count == 0 and config.detect:
+        log.warning("%s: skipped, no %d consecutive frames with the person found (found in %d "
+                    "of %d frames)", path, T, info.get("detected", 0),
+                    info.get("detected", 0) + info.get("lost", 0))
+    elif count == 0:
         n = buffer[-1].index + 1 if buffer else 0
         log.warning("%s: skipped, %d frames at %.6g fps is shorter than a window of %d",
                     path, n, info.get("fps", 0.0), T)
 
 
 def iter_video_samples(
-    files: Sequence[str | os.PathLike], config: VideoConfig, progress: bool = True
+    files: Sequence[str | os.PathLike], config: VideoConfig, progress: bool = True,
+    stats: dict | None = None,
 ) -> Iterator[Sample]:
     """Samples (windows) of every video file, in the given file order.
 
@@ -315,6 +365,8 @@ def iter_video_samples(
         files: video file paths; their stems (sanitised) are the clip names and must differ.
         config: see :class:`VideoConfig`.
         progress: show a tqdm bar over the files.
+        stats: when given, receives per file name its decoded frames and, with detection, the
+            frames where the person was found and lost.
 
     Yields:
         :class:`Sample` with frames (1, T, H, W, 3) uint8 and, with keypoints, pose2d
@@ -334,7 +386,7 @@ def iter_video_samples(
     for path, kp_path in zip(bar, kp_paths, strict=True):
         if not path.is_file():
             raise VideoError(path, "no such file")
-        for sample in _file_samples(path, config, kp_path):
+        for sample in _file_samples(path, config, kp_path, stats):
             if first_fps is None:
                 first_fps = sample.meta.fps
             elif sample.meta.fps != first_fps:
@@ -396,7 +448,10 @@ def ingest_videos(
     manifests = {}
     for name, group in parts.items():
         source = {"source": "video", "files": [os.path.basename(f) for f in group]}
-        samples = _nonempty(iter_video_samples(group, config, progress=progress), name, config)
+        if config.detect:  # filled while the split is written, saved in its manifest
+            source["detection"] = {}
+        samples = _nonempty(iter_video_samples(group, config, progress, source.get("detection")),
+                            name, config)  # fmt: skip
         manifests[name] = write_split(out_dir, name, samples, source, generator, writer_config)
     return manifests
 
@@ -407,7 +462,8 @@ def _nonempty(samples: Iterator[Sample], split: str, config: VideoConfig) -> Ite
     for count, sample in enumerate(samples, 1):  # noqa: B007 (count is read after the loop)
         yield sample
     if count == 0:
-        raise ValueError(f"split {split!r}: no video is as long as a window of {config.frames} "
+        what = "has the person found in" if config.detect else "is as long as"
+        raise ValueError(f"split {split!r}: no video {what} a window of {config.frames} "
                          "frames (see the warnings above)")
 
 

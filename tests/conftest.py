@@ -144,3 +144,15 @@ def quick_demo(tmp_path_factory) -> QuickDemo:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     return QuickDemo(out, run)
+
+
+@pytest.fixture(scope="session")
+def mediapipe():
+    """The 2D detector, installed by `make install`; where it is not, tests that need it skip
+    with the reason, except under CI=true, where that is a failure."""
+    try:
+        import mediapipe.python.solutions.pose  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and mediapipe is not installed: {e}", pytrace=False)
+        pytest.skip(f"mediapipe not installed: {e}")

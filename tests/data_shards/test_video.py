@@ -74,7 +74,7 @@ def test_round_trip_frames_windows_and_keypoints(videos, tmp_path):
         m = s.meta
         assert (m.source, m.clip, m.action, m.fps) == ("video", "clip_a", "wave", 25.0)
         assert m.has == {"frames": True, "masks": False, "pose3d": False, "pose2d": True,
-                         "cameras": False}
+                         "cameras": False, "det2d": False}
         assert [v.camera for v in m.views] == ["video"] and s.frames.shape == (1, 8, 64, 64, 3)
         assert m.frames == m.extra["source_frames"] == list(range(m.frames[0], m.frames[0] + 8))
         for t, i in enumerate(m.frames):
@@ -190,3 +190,62 @@ def test_config_validation():
         VideoConfig(crop_box=(10, 0, 5, 5))
     with pytest.raises(ValueError):
         VideoConfig(fps=-1.0)
+
+
+# ------------------------------------------------------------------- with the person detector
+
+
+@pytest.fixture(scope="module")
+def person_video(tmp_path_factory) -> tuple[Path, dict]:
+    """A held-out clip rendered as an ordinary 640x360 H.264 video over a photo, with its
+    ground truth."""
+    from data_shards.clipvideo import ClipVideoConfig, render_clip_video
+
+    path = tmp_path_factory.mktemp("person") / "dance_b.mp4"
+    return path, render_clip_video(path, "dance_b", ClipVideoConfig(max_frames=48))
+
+
+def test_detect_writes_person_centred_windows_with_detector_keypoints(mediapipe, person_video,
+                                                                      tmp_path):  # fmt: skip
+    path, truth = person_video
+    config = VideoConfig(size=(128, 128), frames=8, stride=4, detect=True)
+    manifests = ingest_videos([path], tmp_path, config, progress=False)
+    counts = manifests["train"].source["detection"]["dance_b.mp4"]
+    assert counts["detected"] + counts["lost"] == 48 and counts["detected"] >= 40
+    samples = read_split(tmp_path / "train")
+    assert samples and all(s.meta.has["det2d"] and s.meta.has["pose2d"] for s in samples)
+    for s in samples:
+        frames = s.meta.frames
+        assert frames == list(range(frames[0], frames[0] + 8))  # never across a gap
+        np.testing.assert_allclose(s.pose2d[0], s.det2d[0, ..., :2], atol=1e-4)
+        assert (s.det2d[0, ..., 2] > 0).all() and (s.det2d[0, ..., 2] <= 1).all()
+        # person-centred: the pelvis near the middle of the crop
+        assert np.abs(s.pose2d[0, :, 0] - 64).max() < 40
+    from data_shards.verify import stats_table
+
+    assert "dance_b.mp4: person found in" in stats_table(tmp_path)
+
+
+def test_detect_on_a_video_without_anybody_is_one_clear_error(mediapipe, videos, tmp_path,
+                                                               caplog):  # fmt: skip
+    config = VideoConfig(size=(64, 64), frames=4, detect=True)
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError,
+                                                         match="no video has the person found"):
+        ingest_videos([videos["b"]], tmp_path, config, progress=False)
+    assert "no 4 consecutive frames with the person found (found in 0 of 20" in caplog.text
+    assert not (tmp_path / "train").exists()  # nothing half-written
+
+
+def test_detect_handles_a_portrait_video(mediapipe, tmp_path):
+    from data_shards.clipvideo import ClipVideoConfig, render_clip_video
+
+    path = tmp_path / "walk.mp4"
+    render_clip_video(path, "walk", ClipVideoConfig(size=(240, 426), max_frames=24, hfov_deg=30))
+    samples = list(iter_video_samples([path], VideoConfig(size=(64, 64), frames=4, detect=True),
+                                      progress=False))  # fmt: skip
+    assert samples and samples[0].frames.shape == (1, 4, 64, 64, 3)
+
+
+def test_detect_and_a_fixed_crop_box_exclude_each_other():
+    with pytest.raises(ValueError, match="crop_box and detect"):
+        VideoConfig(detect=True, crop_box=(0, 0, 10, 10))
