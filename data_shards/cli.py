@@ -109,6 +109,15 @@ def register(stages: argparse._SubParsersAction) -> None:
     _add_set(p)
     p.set_defaults(handler=cmd_video)
 
+    p = cmds.add_parser("render-video", help="an embedded clip as an ordinary video (H.264, "
+                        "photo background) with its ground truth beside it")  # fmt: skip
+    p.add_argument("clip", help="clip name, e.g. dance_b (held out by default)")
+    p.add_argument("--out", required=True, help="video file to write (.mp4); OUT.truth.npz beside")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field of the video: size, fps, azimuth_deg, distance_mm, hfov_deg, "
+                   "seed, max_frames (--set help lists them)")  # fmt: skip
+    p.set_defaults(handler=cmd_render_video)
+
     p = cmds.add_parser("h36m", help="ingest Human3.6M (VideoPose3D-style .npz + frames)")
     p.add_argument("--npz3d", required=True, help="data_3d_h36m.npz")
     p.add_argument("--npz2d", default=None, help="data_2d_h36m_<detector>.npz")
@@ -171,6 +180,17 @@ def cmd_video(args: argparse.Namespace) -> int:
                               val_fraction=args.val_fraction,
                               progress=sys.stderr.isatty())  # fmt: skip
     _report(manifests)
+    return 0
+
+
+def cmd_render_video(args: argparse.Namespace) -> int:
+    from data_shards.clipvideo import ClipVideoConfig, render_clip_video, truth_path
+    from data_shards.configtools import resolve
+
+    config = resolve(ClipVideoConfig(), args.overrides, "shards render-video")
+    truth = render_clip_video(args.out, args.clip, config, progress=sys.stderr.isatty())
+    print(f"wrote {args.out} ({len(truth['joints_3d'])} frames at {config.fps:g} fps) and "
+          f"{truth_path(args.out)}")
     return 0
 
 
