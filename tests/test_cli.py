@@ -144,3 +144,21 @@ def test_shard_writing_takes_set_overrides_and_names_a_bad_field(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
     listed = posebert("shards", "video", "x.mp4", "--out", str(tmp_path / "v"), "--set", "help")
     assert listed.returncode == 0 and "source.crop_box = None" in listed.stdout
+
+
+def test_render_video_writes_a_video_and_its_truth(tmp_path):
+    out = tmp_path / "dance.mp4"
+    r = posebert("shards", "render-video", "dance_b", "--out", str(out), "--set", "max_frames=6",
+                 "--set", "size=[96,64]")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    import av
+    import numpy as np
+
+    with av.open(str(out)) as video:
+        frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+    assert len(frames) == 6 and frames[0].shape == (64, 96, 3)
+    truth = np.load(f"{out}.truth.npz")
+    assert truth["joints_3d"].shape == (6, 17, 3) and float(truth["fps"]) == 25.0
+    bad = posebert("shards", "render-video", "nope", "--out", str(tmp_path / "x.mp4"))
+    assert bad.returncode == 2 and "unknown clip 'nope'" in bad.stderr
+    assert not (tmp_path / "x.mp4").exists()
