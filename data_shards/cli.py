@@ -1,4 +1,5 @@
-"""`posebert shards {synth,video,h36m,verify,stats,preview}`: build, check, describe shards."""
+"""`posebert shards {synth,video,h36m,detect,verify,stats,preview}`: build, check, describe
+shards."""
 
 from __future__ import annotations
 
@@ -128,6 +129,20 @@ def register(stages: argparse._SubParsersAction) -> None:
     _add_set(p)
     p.set_defaults(handler=cmd_h36m)
 
+    p = cmds.add_parser("detect", help="run the 2D detector over the frames of each split and "
+                        "keep its keypoints beside the ground truth (det2d)")  # fmt: skip
+    p.add_argument("root", help="shard root (or one split directory)")
+    p.add_argument("--splits", type=_names, default=None,
+                   help="comma-separated splits to detect on (default: every split)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="detector processes, whole tracked sequences each (1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="detect again on splits that already carry det2d")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field of the detector: min_detection, min_tracking, min_torso, "
+                   "min_side ... (--set help lists them)")  # fmt: skip
+    p.set_defaults(handler=cmd_detect)
+
     p = cmds.add_parser("verify", help="check every shard against its manifest")
     p.add_argument("root", help="shard root (or one split directory)")
     p.add_argument("--no-decode", action="store_true", help="checksums only")
@@ -202,6 +217,24 @@ def cmd_h36m(args: argparse.Namespace) -> int:
     manifests = ingest_h36m(args.npz3d, args.npz2d, args.frames_dir, args.cameras, args.out,
                             config, writer, progress=sys.stderr.isatty())  # fmt: skip
     _report(manifests)
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from data_shards.configtools import resolve
+    from data_shards.detect import DetectConfig
+    from data_shards.detect_shards import detect_shards
+
+    config = resolve(DetectConfig(), args.overrides, "shards detect")
+    done = detect_shards(args.root, args.splits, config, workers=args.workers,
+                         overwrite=args.overwrite, progress=sys.stderr.isatty())  # fmt: skip
+    for split, d in done.items():
+        if d is None:
+            print(f"{split}: carries det2d already, skipped (--overwrite detects again)")
+        else:
+            print(f"{split}: person found in {d['found']} of {d['frames']} frames "
+                  f"({d['rate']:.1%}), {d['seconds']:g} s ({d['frames_per_s']:g} frames/s, "
+                  f"{d['workers']} worker(s))")
     return 0
 
 

@@ -89,6 +89,7 @@ def render_clip_video(path: str | os.PathLike, clip_name: str,
     background = _background(look.backgrounds[0].photo, config.size)
     joints = mocap.joints3d(clip)  # (N, J, 3) world mm
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f".{path.name}.part{os.getpid()}.mp4")
     try:
         with BodyRenderer() as renderer, av.open(str(part), "w") as out:

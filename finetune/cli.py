@@ -63,6 +63,10 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (lift.json, .md, .png)")
     p.add_argument("--rows", default=None, metavar="R,R,...",
                    help="rows of the method's ablation to run (default all; --rows help lists)")
+    p.add_argument("--input", dest="input_2d", choices=("gt", "detected"), default="gt",
+                   help="2D input, train and held-out: the shards' projections (gt) or the "
+                   "detector's keypoints (detected: the det2d of posebert shards detect, no "
+                   "imitation noise on top)")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the method's config, e.g. steps=500 "
                    "(--set help lists them)")  # fmt: skip
@@ -140,6 +144,6 @@ def cmd_lift(args: argparse.Namespace) -> int:
             print(f"row {row!r}: {changes or 'the recipe'}")
         resolve(method.config(), ["help"], f"lift --method {args.method}")
     run_lift(args.method, args.shards, args.out, args.rows, args.overrides,
-             progress=sys.stderr.isatty())  # fmt: skip
+             progress=sys.stderr.isatty(), input_2d=args.input_2d)  # fmt: skip
     print((Path(args.out) / "lift.md").read_text())
     return 0

@@ -119,6 +119,10 @@ class Sequence(NamedTuple):
     """(N, 3, 3) float32 intrinsics of each frame's crop."""
     images: np.ndarray | None = None
     """(N, 3, S, S) uint8 frames when read with ``frames=True``, else None."""
+    det2d: np.ndarray | None = None
+    """(N, J, 3) float32: a 2D detector's x, y (pixels of the same crop as ``pose2d``) and
+    confidence, all 0 where nobody was found; None when the shards carry no ``det2d``
+    (``posebert shards detect`` adds it)."""
 
     @property
     def frames(self) -> int:
@@ -129,8 +133,8 @@ def read_sequences(split_dir: str | os.PathLike, split: str, min_frames: int = 1
                    frames: bool = False, size: int | None = None) -> list[Sequence]:  # fmt: skip
     """Every (clip, camera) run of a split with at least ``min_frames`` frames, in a fixed order
     (clip, camera, first frame); with ``frames`` each run carries its decoded frames (resized to
-    ``size``). One-line ``ValueError`` for an empty split or samples without 2D keypoints, 3D
-    poses or cameras."""
+    ``size``), and where the shards carry ``det2d`` each run carries its detections. One-line
+    ``ValueError`` for an empty split or samples without 2D keypoints, 3D poses or cameras."""
     if Manifest.load(split_dir).samples == 0:
         raise ValueError(f"split {split!r} ({split_dir}) is empty")
     rows: dict[tuple[str, str, str], dict[int, tuple]] = {}
@@ -142,6 +146,7 @@ def read_sequences(split_dir: str | os.PathLike, split: str, min_frames: int = 1
             raise ValueError(f"split {split!r}: samples carry no {', '.join(missing)}; "
                              "lifting needs 2D keypoints, 3D poses and cameras")  # fmt: skip
         images = batch["frames"].numpy() if frames else None
+        det2d = batch["det2d"].numpy() if "det2d" in batch else None
         for b, meta in enumerate(batch["meta"]):
             p3 = batch["pose3d"][b].numpy().astype(np.float64)
             Rt = batch["Rt"][b].numpy().astype(np.float64)
@@ -154,7 +159,8 @@ def read_sequences(split_dir: str | os.PathLike, split: str, min_frames: int = 1
                     if int(f) not in run:  # the first window that holds the frame
                         run[int(f)] = (batch["pose2d"][b, v, t].numpy(), cam[t],
                                        batch["K"][b, v, t].numpy(),
-                                       None if images is None else images[b, v, t].copy())
+                                       None if images is None else images[b, v, t].copy(),
+                                       None if det2d is None else det2d[b, v, t])
     names = clip_names({(s, c) for s, c, _ in rows})
     out = []
     for key in sorted(rows):
@@ -171,7 +177,9 @@ def read_sequences(split_dir: str | os.PathLike, split: str, min_frames: int = 1
                 np.stack([x[0] for x in r]).astype(np.float32),
                 np.stack([x[1] for x in r]).astype(np.float32),
                 np.stack([x[2] for x in r]).astype(np.float32),
-                np.stack([x[3] for x in r]) if frames else None))  # fmt: skip
+                np.stack([x[3] for x in r]) if frames else None,
+                None if r[0][4] is None else np.stack([x[4] for x in r]).astype(np.float32),
+            ))  # fmt: skip
     if not out:
         raise ValueError(f"split {split!r}: no clip has {min_frames} contiguous frames")
     return out

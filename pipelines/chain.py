@@ -5,11 +5,15 @@ Stage` (the command's arguments, the file that exists once it is done, and wheth
 one process or on every rank of a job). ``posebert demo`` and ``posebert ablation`` run these
 stages locally; ``posebert slurm pipeline`` groups the same stages into chained Slurm jobs
 (:mod:`pipelines.slurm`). This module imports no training code, so the Slurm side stays light.
+
+The video chain (:func:`video`): the detector over the shards -> a lifter trained on its 2D ->
+an embedded clip rendered as an ordinary video -> ``posebert predict`` of that video.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from pipelines.stages import Stage
@@ -105,3 +109,87 @@ def evaluation(c: Chain) -> list[Stage]:
 def full(c: Chain) -> list[Stage]:
     """The whole chain: pretraining, then :func:`evaluation`."""
     return [pretrain(c), *evaluation(c)]
+
+
+# ------------------------------------------------------------------------------ video chain
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoChain:
+    """From the shards to the 3D poses of an ordinary video, through the 2D detector."""
+
+    shards: Path
+    """Shard root the detector runs over (in place) and the lifter trains on."""
+    out: Path
+    """Run folder: lift-detected/, <clip>.mp4 (+ its truth), predict/ beneath it."""
+    clip: str = "dance_b"
+    """The held-out clip rendered as the video."""
+    video_sets: tuple[str, ...] = ("size=[640,360]", "fps=50")
+    """``shards render-video --set`` fields (size, fps, max_frames, ...)."""
+    lift_sets: tuple[str, ...] = ()
+    """``finetune lift --set`` overrides of the lifter."""
+    row: str = "rf27"
+    """The TCN row trained and used."""
+    workers: int = 2
+    """Detector processes."""
+
+    @property
+    def lifter(self) -> Path:
+        return self.out / "lift-detected"
+
+    @property
+    def video(self) -> Path:
+        return self.out / f"{self.clip}.mp4"
+
+    @property
+    def prediction(self) -> Path:
+        """``posebert predict``'s summary of the video (written last, once all is there)."""
+        return self.out / "predict" / f"{self.clip}.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitsCarry:
+    """The ``done`` of a stage that rewrites shards in place and leaves no file of its own:
+    every split's manifest under ``root`` says it carries ``member`` (what
+    :func:`pipelines.stages.run_stages` asks of a stage's ``done``: ``exists()``)."""
+
+    root: Path
+    member: str
+
+    def exists(self) -> bool:
+        manifests = [m for m in sorted(self.root.glob("*/manifest.json"))
+                     if not m.parent.name.startswith(".")]  # a writer's unfinished split
+        return bool(manifests) and all(
+            json.loads(m.read_text()).get("has", {}).get(self.member) for m in manifests)
+
+    def __str__(self) -> str:
+        return f"every split of {self.root} carries {self.member}"
+
+
+def detect(v: VideoChain) -> Stage:
+    """The detector's 2D beside the ground truth of every split, in place (a split that carries
+    them already is skipped, so a stopped run continues)."""
+    args = ["shards", "detect", str(v.shards), "--workers", str(v.workers)]
+    return Stage("detect", args, SplitsCarry(v.shards, "det2d"))
+
+
+def lift_detected(v: VideoChain) -> Stage:
+    args = ["finetune", "lift", "--method", "tcn", "--shards", str(v.shards), "--out",
+            str(v.lifter), "--rows", v.row, "--input", "detected", *_sets(v.lift_sets)]  # fmt: skip
+    return Stage("lift-detected", args, v.lifter / "lift.json")
+
+
+def render_video(v: VideoChain) -> Stage:
+    args = ["shards", "render-video", v.clip, "--out", str(v.video), *_sets(v.video_sets)]
+    return Stage("render-video", args, v.video.with_name(v.video.name + ".truth.npz"))
+
+
+def predict(v: VideoChain) -> Stage:
+    args = ["predict", str(v.video), "--out", str(v.prediction.parent), "--lifter",
+            str(v.lifter), "--row", v.row]  # fmt: skip
+    return Stage("predict", args, v.prediction)
+
+
+def video(v: VideoChain) -> list[Stage]:
+    """detect -> lift on detected 2D -> render a held-out clip as a video -> predict it."""
+    return [detect(v), lift_detected(v), render_video(v), predict(v)]

@@ -8,7 +8,14 @@ when its output is already there, so running the demo again continues where it s
 3. ``export``: the encoder as safetensors + config;
 4. ``evaluate retrieval``: the model beside random-init, raw pixels, oracle and chance;
 5. ``finetune pose``: probe and full fine-tune at 10% and 100% labels, pretrained vs random-init;
-6. ``finetune future``: Pose-GPT beside zero- and constant-velocity baselines.
+6. ``finetune future``: Pose-GPT beside zero- and constant-velocity baselines;
+7. ``shards detect``: the 2D detector (BlazePose) over every frame of the shards;
+8. ``finetune lift --method tcn --rows rf27 --input detected``: the VideoPose3D TCN trained on
+   those detections;
+9. ``shards render-video dance_b``: a held-out clip as an ordinary H.264 video (640x360, 50 fps,
+   photo background) with its ground truth;
+10. ``predict``: that video through detection, tracking and the TCN, scored against the truth
+    (MPJPE and P-MPJPE over the frames where the person was found) beside the mean train pose.
 
 DIR/results.json gathers the figures and DIR/results.md shows them in one table, with the time
 each stage took.
@@ -28,6 +35,11 @@ from pipelines.stages import Stage, open_record, run_stages
 QUICK_CLIPS = "walk,jump,run,dance_b"  # train walk, jump; val run; test dance_b
 QUICK_SYNTH = ("--clips", QUICK_CLIPS, "--views", "2", "--frames", "8", "--size", "64")
 """``shards synth`` flags of the quick runs: four clips, two views, 64 px."""
+VIDEO_CLIP = "dance_b"
+"""The held-out (test) clip the demo renders as a video and predicts."""
+QUICK_VIDEO = ("size=[640,360]", "fps=25", "max_frames=40")
+QUICK_LIFT = ("steps=100", "channels=64")
+"""The quick runs' video (40 frames) and lifter (fewer steps, narrower)."""
 
 
 def synth_stage(shards: Path, quick: bool, *extra: str, name: str = "shards") -> Stage:
@@ -48,7 +60,10 @@ def plan(out: Path, quick: bool, nproc: int) -> list[Stage]:
     c = chain.Chain(out / "shards", out, recipe=recipe, max_steps=steps, nproc=nproc,
                     pose_recipe="quick" if quick else "demo",
                     future_recipe="quick" if quick else "default")  # fmt: skip
-    return [synth_stage(c.shards, quick), *chain.full(c)]
+    v = chain.VideoChain(c.shards, out, clip=VIDEO_CLIP, workers=nproc,
+                         **({"video_sets": QUICK_VIDEO, "lift_sets": QUICK_LIFT} if quick
+                            else {}))  # fmt: skip
+    return [synth_stage(c.shards, quick), *chain.full(c), *chain.video(v)]
 
 
 def run_demo(out_dir: str | os.PathLike, quick: bool = False, nproc: int = 2) -> int:
@@ -72,6 +87,7 @@ def summarize(out: Path, record: dict) -> dict:
     retrieval = json.loads((out / "retrieval" / "retrieval.json").read_text())
     pose = json.loads((out / "pose" / "pose.json").read_text())
     future = json.loads((out / "future" / "future.json").read_text())
+    video = json.loads((out / "predict" / f"{VIDEO_CLIP}.json").read_text())
     rows = retrieval["rows"]
     chance, oracle = rows["chance"]["mpjpe"]["top1"], rows["oracle"]["mpjpe"]["top1"]
     return {
@@ -87,9 +103,42 @@ def summarize(out: Path, record: dict) -> dict:
                  | {m: r["all"][m] for m in ("mpjpe", "p_mpjpe", "n_mpjpe", "mpjve")}
                  for r in pose["rows"]],
         "future": {"horizons_ms": future["protocol"]["horizons_ms"], "rows": future["rows"]},
+        "video": video_figures(video),
         "protocol": {"retrieval": retrieval["protocol"], "pose": pose["protocol"],
-                      "future": future["protocol"]},
+                      "future": future["protocol"], "video": video["truth"]["protocol"]},
     }  # fmt: skip
+
+
+def video_figures(summary: dict) -> dict:
+    """The figures of ``posebert predict``'s summary of the demo's video."""
+    truth = summary["truth"]
+    lifter = summary["lifter"]
+    return {"clip": VIDEO_CLIP, "frames": summary["frames"],
+            "size": summary["image_size"], "fps": summary["fps"],
+            "detection_rate": summary["detection_rate"], "frames_scored": truth["frames_scored"],
+            "lifter": f"{lifter.get('method', lifter['kind'])} {lifter.get('row', '')}".strip(),
+            "mpjpe": truth["mpjpe"], "p_mpjpe": truth["p_mpjpe"],
+            "mean_pose": truth["mean_pose"], "detector_2d_px": truth.get("detector_2d_px"),
+            "frames_per_second": summary["frames_per_second"]}  # fmt: skip
+
+
+def _mm(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def video_rows(v: dict) -> list[str]:
+    """The video's rows: the lifter on the detector's 2D, and the mean-pose floor."""
+    task = f"video 3D ({v['clip']}, {v['size'][0]}x{v['size'][1]}, {v['fps']:g} fps)"
+    note = (f"person found in {v['detection_rate']:.0%} of {v['frames']} frames, "
+            f"{v['frames_scored']} scored")  # fmt: skip
+    if v.get("detector_2d_px"):
+        note += f"; detector 2D median {v['detector_2d_px']['median']:.0f} px"
+    rows = [f"| {task} | {v['lifter']}, trained on detected 2D | {_mm(v['mpjpe'])} | "
+            f"{_mm(v['p_mpjpe'])} | {note} |"]  # fmt: skip
+    if v["mean_pose"]:
+        rows.append(f"| {task} | mean pose | {_mm(v['mean_pose']['mpjpe'])} | "
+                    f"{_mm(v['mean_pose']['p_mpjpe'])} | the mean train pose, same frames |")
+    return rows
 
 
 def results_markdown(results: dict) -> str:
@@ -114,6 +163,7 @@ def results_markdown(results: dict) -> str:
         last = next((h for h in reversed(horizons) if errors.get(str(h)) is not None), None)
         value = f"{errors[str(last)]:.1f}" if last is not None else "n/a"
         lines.append(f"| forecast at {last} ms | {name} | {value} | - | {shown} |")
+    lines += video_rows(results["video"])
     lines += ["", "| stage | seconds | command |", "|---|---|---|"]
     for name, s in results["stages"].items():
         lines.append(f"| {name} | {s['seconds']:.0f} | `{s['command']}` |")

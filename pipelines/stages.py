@@ -11,9 +11,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from data_shards.manifest import atomic_write_text
+
+
+class Done(Protocol):
+    """What marks a stage finished: a file's path, or any check with ``exists()``."""
+
+    def exists(self) -> bool: ...
 
 
 @dataclasses.dataclass
@@ -21,8 +27,8 @@ class Stage:
     name: str
     args: list[str]
     """Arguments of the ``posebert`` command."""
-    done: Path
-    """Exists once the stage has finished."""
+    done: Done
+    """Exists once the stage has finished (usually the path of its last output)."""
     ranks: Literal["one", "all"] = "one"
     """In a Slurm job: one process, or one task per GPU (``srun``: pretraining, embedding)."""
 

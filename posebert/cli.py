@@ -23,6 +23,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from data_shards.cli import register as register_shards
     from finetune.cli import register as register_finetune
+    from finetune.predict.cli import register as register_predict
     from finetune.report.cli import register as register_report
     from pipelines.cli import register as register_pipelines
     from pretrain.cli import register as register_pretrain
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_shards(stages)
     register_pretrain(stages)
     register_finetune(stages)
+    register_predict(stages)
     register_pipelines(stages)
     register_report(stages)
     register_slurm(stages)

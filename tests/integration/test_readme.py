@@ -33,17 +33,25 @@ def test_main_job_quick(quick_demo):
     for row in ("| retrieval top-1 | model |", "| retrieval top-1 | oracle |",
                 "| pose head, probe, 10% labels | pretrained |",
                 "| pose head, full, 100% labels | random-init |", "| pose-gpt |",
-                "| zero-velocity |", "| constant-velocity |"):  # fmt: skip
+                "| zero-velocity |", "| constant-velocity |",
+                "| video 3D (dance_b, 640x360, 25 fps) | tcn rf27, trained on detected 2D |",
+                "| video 3D (dance_b, 640x360, 25 fps) | mean pose |"):  # fmt: skip
         assert row in table, table
     assert table in r.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["stages"]) == {"shards", "pretrain", "export", "retrieval", "pose", "future"}
+    stages = {"shards", "pretrain", "export", "retrieval", "pose", "future", "detect",
+              "lift-detected", "render-video", "predict"}
+    assert set(results["stages"]) == stages
+    video = results["video"]  # the held-out clip as a video, through the detector and the TCN
+    assert video["frames"] == 40 and 0 < video["detection_rate"] <= 1
+    assert video["mpjpe"] > 0 and video["mean_pose"]["mpjpe"] > 0
+    assert (tmp_path / "predict" / "dance_b.mp4").is_file()
     again = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "posebert"), "demo", "--out", str(tmp_path), "--quick"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("done already") == 6
+    assert again.stdout.count("done already") == len(stages)
     assert (tmp_path / "results.md").read_text() == table
     other = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "posebert"), "demo", "--out", str(tmp_path)],

@@ -14,6 +14,11 @@ A method module (``finetune/heads/lift/<name>.py``) defines ``METHOD = LiftMetho
 - ``read(config)``: the keyword arguments of :func:`finetune.clips.read_sequences` the method
   needs beyond the labels (the image head: the frames at its input size).
 
+A keypoint method reads its 2D input only through :func:`model_inputs`, which honours
+``config.input`` (the shards' projections or the detector's keypoints) and the detector-imitation
+noise; 2D labels a loss reconstructs (the cyclic decoder's target, the image head's heatmaps)
+stay the shards' annotated 2D. ``reads_2d=False`` marks a method whose input is the frames.
+
 The runner (:mod:`finetune.heads.lift.run`) scores every :class:`Fitted` the same way.
 """
 
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 
 from finetune.clips import Sequence, labelled_subset
 from finetune.evaluation.metrics import mpjpe
-from finetune.heads.lift.data import corrupt_2d
+from finetune.heads.lift.data import INPUTS, corrupt_2d, input_2d
 from finetune.loop import OptimConfig, Trainer
 from pretrain.engine.schedules import LRSchedule
 
@@ -53,6 +58,13 @@ class LiftConfig:
     """Samples per step (frames or windows; the method says which)."""
     optim: OptimConfig = OptimConfig(kind="adam", lr=1e-3, schedule=COSINE)
     """Adam, cosine decay to 5% of the learning rate (:class:`finetune.loop.OptimConfig`)."""
+    input: str = "gt"
+    """The 2D input, train and held-out: ``gt`` (the shards' projections) or ``detected`` (the
+    shards' det2d from ``posebert shards detect``, lost frames interpolated:
+    :func:`finetune.heads.lift.data.fill_lost`); ``--input`` of the command."""
+    min_confidence: float = 0.0
+    """With ``input=detected``: a found frame whose mean joint confidence is below this is
+    treated as lost too (filled from its neighbours); 0: only frames where nobody was found."""
     noise_px: float = 0.0
     """Gaussian noise on the input 2D keypoints (pixels of the 128 px crop), train and eval."""
     drop_prob: float = 0.0
@@ -67,9 +79,10 @@ class LiftConfig:
             "seed": self.seed >= 0, "steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
             "optim": isinstance(self.optim, OptimConfig), "noise_px": self.noise_px >= 0,
             "drop_prob": 0 <= self.drop_prob < 1, "labels": 0 <= self.labels <= 1,
-            "log_every": self.log_every >= 1,
+            "log_every": self.log_every >= 1, "input": self.input in INPUTS,
+            "min_confidence": 0 <= self.min_confidence <= 1,
         }  # fmt: skip
-        check_fields(self, checks)
+        check_fields(self, checks, {"input": f" (choose from {', '.join(INPUTS)})"})
 
 
 def check_fields(config: object, checks: dict[str, bool], why: dict[str, str] | None = None
@@ -166,6 +179,9 @@ class LiftMethod:
     the runner as OUT/rows/<row>.png."""
     read: Callable[[LiftConfig], dict] = lambda config: {}
     """Keyword arguments of :func:`finetune.clips.read_sequences` a row's config needs."""
+    reads_2d: bool = True
+    """Whether the method's input is 2D keypoints (``input`` picks them); False for a method
+    that reads the frames (the image head), which ``input`` does not change."""
 
 
 def get_method(name: str) -> LiftMethod:
@@ -182,13 +198,15 @@ def labelled_clips(sequences: list[Sequence], fraction: float, seed: int) -> set
 
 def model_inputs(sequences: list[Sequence], config: LiftConfig, split: str
                  ) -> list[np.ndarray]:  # fmt: skip
-    """Per sequence, the 2D keypoints a method sees (pixels): the shards' projections with the
-    config's detector noise, seeded per split so every method sees the same corrupted input."""
+    """Per sequence, the 2D keypoints a method sees (pixels): the shards' projections or the
+    detector's keypoints (``config.input``), with the config's detector-imitation noise, seeded
+    per split so every method sees the same corrupted input."""
+    clean = [input_2d(s, config.input, config.min_confidence) for s in sequences]
     if config.noise_px == 0 and config.drop_prob == 0:
-        return [s.pose2d for s in sequences]
+        return clean
     salt = {"train": 0, "val": 1, "test": 2}.get(split, 3)
     rng = np.random.default_rng([config.seed, salt])
-    return [corrupt_2d(s.pose2d, config.noise_px, config.drop_prob, rng) for s in sequences]
+    return [corrupt_2d(px, config.noise_px, config.drop_prob, rng) for px in clean]
 
 
 def joint_distance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None

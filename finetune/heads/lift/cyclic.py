@@ -21,7 +21,9 @@ Adam with a decaying learning rate. Added on top, as the issue's ablation asks:
   (with a clean-input target it would get none, and "+ skip" would train like "+ both").
 
 Every row sees the same detector-like input (the recipe's ``noise_px`` = 2 px Gaussian noise on
-the 128 px crop, ``drop_prob`` = 5% of the joints dropped), so the rows stay comparable.
+the 128 px crop, ``drop_prob`` = 5% of the joints dropped), so the rows stay comparable. On a
+real detector's keypoints (``--input detected``) the rows start from no imitation noise, and the
+decoder's target stays the clean, annotated 2D (a label, as the 3D is).
 
 Why "+ decoder" first made the 3D far worse (val 476 mm against 139 mm, the 3D loss rising
 while the reconstruction fell; weight 0.1 still 368 mm): Martinez et al.'s layer puts batch norm

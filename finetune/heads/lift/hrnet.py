@@ -43,7 +43,10 @@ method's ``read``) gives every sequence its frames resized to ``image_size``, th
 and intrinsics following the resize. The heatmap targets come from the shards' 2D keypoints
 (every train clip: 2D labels only); the 3D loss reads only the clips ``labelled_clips`` allows.
 ``noise_px``/``drop_prob`` (detector noise on keypoint inputs) do not apply to an image input
-and must stay 0.
+and must stay 0. For the same reason ``input`` (``--input detected``: the detector's keypoints
+as the 2D input of the keypoint methods) changes nothing here: the head's input is the frames,
+its 2D supervision (heatmaps, the decoder's target) stays the shards' annotated 2D and its 3D
+loss the labelled 3D, so a detected-input row trains exactly as the ground-truth-input row.
 """
 
 from __future__ import annotations
@@ -358,6 +361,7 @@ METHOD = base.LiftMethod(
     fit=fit,
     restore=restore,
     read=lambda config: {"frames": True, "size": config.image_size},
+    reads_2d=False,
     describe="HRNet (timm hrnet_w18_small, random init) heatmaps on the rendered frames -> "
     "soft-argmax with a learned temperature -> the cyclic 2D -> 3D autoencoder, end to end",
 )

@@ -13,6 +13,14 @@ OUT/lift.png (loss curves and the MPJPE of every row) are written by
 OUT/rows/<row>.png where the method draws one, e.g. the VAE-GAN latent space), which
 :func:`load_row` turns back into a model that predicts. A row whose loss or predictions turn
 non-finite stops the run with one line naming it, and saves nothing of that row.
+
+``input_2d`` (``--input``) picks the 2D every method reads, train and held-out: ``gt``, the
+shards' projections, or ``detected``, the detector's keypoints (``det2d``, written by ``posebert
+shards detect``; lost frames interpolated, :func:`finetune.heads.lift.data.fill_lost`). With
+``detected`` the rows start from no detector-imitation noise (``noise_px`` = ``drop_prob`` = 0:
+the detections are the real thing; ``--set`` still sets them), and lift.json's ``protocol``
+names the input and the share of lost frames per split. Scores are always against the
+ground-truth 3D of every frame.
 """
 
 from __future__ import annotations
@@ -29,11 +37,11 @@ import numpy as np
 import torch
 
 from data_shards.configtools import from_dict, resolve, to_dict
-from data_shards.manifest import atomic_write_text
+from data_shards.manifest import Manifest, atomic_write_text, find_splits
 from finetune.clips import read_splits
 from finetune.evaluation.metrics import score_sequences
 from finetune.heads.lift.base import FitLog, Fitted, LiftData, LiftMethod, get_method
-from finetune.heads.lift.data import check_joints, root_relative_m
+from finetune.heads.lift.data import INPUTS, check_joints, lost_frames, root_relative_m
 from finetune.report import md_table, pyplot, write_stage
 
 
@@ -48,9 +56,37 @@ def parse_rows(method: LiftMethod, text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def build_config(method: LiftMethod, row: str, overrides: list[str]):
-    """The method's recipe, the row's changes, then the user's ``--set`` overrides."""
-    return resolve(method.config(**method.rows[row]), overrides)
+def build_config(method: LiftMethod, row: str, overrides: list[str], input_2d: str = "gt"):
+    """The method's recipe (on detected input without its detector-imitation noise), the row's
+    changes, then the user's ``--set`` overrides."""
+    if input_2d not in INPUTS:
+        raise ValueError(f"unknown 2D input {input_2d!r}; choose from {', '.join(INPUTS)}")
+    start = {}
+    if input_2d == "detected":  # the real detections, no imitation noise on top
+        start = {"input": "detected", "noise_px": 0.0, "drop_prob": 0.0}
+    return resolve(method.config(**{**start, **method.rows[row]}), overrides)
+
+
+def require_det2d(shards: str | os.PathLike) -> None:
+    """One-line ``ValueError`` unless every split under ``shards`` carries ``det2d``."""
+    lacking = [name for name, d in find_splits(shards).items()
+               if not Manifest.load(d).has.get("det2d")]  # fmt: skip
+    if lacking:
+        raise ValueError(f"{shards}: split(s) {', '.join(lacking)} carry no det2d (the detector's "
+                         f"2D keypoints); run `posebert shards detect {shards}` first, or lift "
+                         "from --input gt")  # fmt: skip
+
+
+def detection_counts(splits: dict[str, list], min_confidence: float = 0.0) -> dict[str, dict]:
+    """Per split: frames, frames where the detector lost the person (filled, see
+    :func:`fill_lost`), their share, and sequences where it found nobody at all."""
+    out = {}
+    for split, sequences in splits.items():
+        lost = [lost_frames(s.det2d, min_confidence) for s in sequences]
+        frames, missed = sum(len(x) for x in lost), int(sum(x.sum() for x in lost))
+        out[split] = {"frames": frames, "lost": missed, "lost_share": round(missed / frames, 4),
+                      "sequences_never_found": sum(bool(x.all()) for x in lost)}  # fmt: skip
+    return out
 
 
 def _slug(row: str) -> str:
@@ -115,12 +151,17 @@ def train_row(method: LiftMethod, row: str, config, data: LiftData, out: Path,
 
 def run_lift(method_name: str, shards: str | os.PathLike, out_dir: str | os.PathLike,
              rows: str | None = None, overrides: list[str] | None = None,
-             progress: bool = True) -> dict:  # fmt: skip
-    """Train and score each row not yet saved; write OUT/lift.json, .md, .png; return the JSON."""
+             progress: bool = True, input_2d: str = "gt") -> dict:  # fmt: skip
+    """Train and score each row not yet saved on the 2D input ``input_2d`` (``gt`` or
+    ``detected``); write OUT/lift.json, .md, .png; return the JSON."""
     method = get_method(method_name)
     chosen = parse_rows(method, rows)
     overrides = list(overrides or [])
-    configs = {row: build_config(method, row, overrides) for row in chosen}  # bad --set: now
+    # a bad --set fails here, before any reading
+    configs = {row: build_config(method, row, overrides, input_2d) for row in chosen}
+    inputs = sorted({c.input for c in configs.values()})
+    if "detected" in inputs:
+        require_det2d(shards)
     data = _read(method, shards, configs)
     heldout = [s for s in data[chosen[0]].splits if s != "train"]
     out = Path(out_dir)
@@ -133,15 +174,19 @@ def run_lift(method_name: str, shards: str | os.PathLike, out_dir: str | os.Path
             print(f"[lift {method.name}] {row}: done already ({path})", flush=True)
         else:
             saved = train_row(method, row, configs[row], data[row], out, progress)
-        results[row] = saved | {"command": _command(method, row, shards, out, overrides)}
+        results[row] = saved | {"command": _command(method, row, shards, out, overrides,
+                                                    input_2d)}  # fmt: skip
+    first = configs[chosen[0]]  # --set applies to every row: the rows share their input
+    protocol = {"joints": 17, "units": "mm", "pose": "root-relative, camera coordinates",
+                "train": "train clips", "heldout": heldout, "input": ",".join(inputs),
+                "inputs": describe_input(method, inputs, first.min_confidence)}  # fmt: skip
+    if "detected" in inputs and method.reads_2d:
+        protocol["detected"] = detection_counts(data[chosen[0]].splits, first.min_confidence)
+        protocol["min_confidence"] = first.min_confidence
     result = {
         "method": method.name,
         "describe": method.describe,
-        "protocol": {"joints": 17, "units": "mm",
-                     "pose": "root-relative, camera coordinates",
-                     "train": "train clips", "heldout": heldout,
-                     "inputs": "the shards' 2D projections (crop pixels), with the row's noise "
-                               "and dropped joints"},
+        "protocol": protocol,
         "rows": {row: {k: v for k, v in r.items() if k != "losses"} for row, r in results.items()},
     }  # fmt: skip
     figure = lift_figure(result, {row: r["losses"] for row, r in results.items()})
@@ -165,9 +210,29 @@ def load_row(out_dir: str | os.PathLike, row: str) -> Fitted:
     return fitted
 
 
-def _command(method: LiftMethod, row: str, shards, out: Path, overrides: list[str]) -> str:
+def describe_input(method: LiftMethod, inputs: list[str], min_confidence: float = 0.0) -> str:
+    """The protocol's words for the 2D input of the rows."""
+    if not method.reads_2d:
+        return (f"the frames (pixels): {method.name} reads no 2D keypoints, so --input "
+                f"{','.join(inputs)} does not change its input")  # fmt: skip
+    lost = "frames where it lost the person"
+    if min_confidence > 0:
+        lost += f" or its mean joint confidence is below {min_confidence:g}"
+    words = {"gt": "the shards' 2D projections (crop pixels), with the row's imitation noise "
+                   "and dropped joints",
+             "detected": "the detector's 2D keypoints (the shards' det2d: BlazePose, crop "
+                         f"pixels), train and held-out; {lost} linearly interpolated between "
+                         "the nearest detected frames of the sequence, held at its ends; no "
+                         "imitation noise unless set"}  # fmt: skip
+    return "; ".join(words[i] for i in inputs)
+
+
+def _command(method: LiftMethod, row: str, shards, out: Path, overrides: list[str],
+             input_2d: str = "gt") -> str:  # fmt: skip
     args = ["posebert", "finetune", "lift", "--method", method.name, "--shards", str(shards),
-            "--out", str(out), "--rows", row, *(f"--set={o}" for o in overrides)]  # fmt: skip
+            "--out", str(out), "--rows", row,
+            *(["--input", input_2d] if input_2d != "gt" else []),
+            *(f"--set={o}" for o in overrides)]  # fmt: skip
     return shlex.join(args)
 
 
@@ -183,7 +248,14 @@ def markdown_table(result: dict) -> str:
                 value = r["scores"][s]["all"][m]
                 cells.append("-" if value is None else f"{value:.1f}")
         rows.append([*cells, f"{r['seconds']:.0f}"])
-    lines = [f"Method `{result['method']}`: {result['describe']}", ""]
+    protocol = result["protocol"]
+    lines = [f"Method `{result['method']}`: {result['describe']}", "",
+             f"Input (`--input {protocol.get('input', 'gt')}`): {protocol['inputs']}."]
+    for split, c in protocol.get("detected", {}).items():
+        lines.append(f"- {split}: the detector lost the person in {c['lost']} of {c['frames']} "
+                     f"frames ({c['lost_share']:.1%}, filled); "
+                     f"{c['sequences_never_found']} sequence(s) never found")
+    lines += [""]
     lines += md_table(head, rows)
     lines += ["", f"mm, 17 joints, {result['protocol']['pose']}; trained on the train clips, "
               f"scored on {', '.join(heldout)}.", "", "Commands:", ""]  # fmt: skip
