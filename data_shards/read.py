@@ -272,7 +272,8 @@ def load_shards(splits: tuple[str, ...]) -> tuple[list[ShardRef], Manifest, list
         ):
             raise ReaderError(f"{directory}: layout differs from {splits[0]}; cannot mix them")
         layout = layout or m
-        refs += [ShardRef(str(directory / s.name), s.samples, s.first_key) for s in m.shards]
+        refs += [ShardRef(str(directory / s.name), s.samples, s.first_key, s.sha256)
+                 for s in m.shards]  # fmt: skip
         listed = {s.name for s in m.shards}
         unlisted += [str(p) for p in sorted(directory.glob("*.tar")) if p.name not in listed]
     return refs, layout, unlisted

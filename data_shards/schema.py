@@ -48,6 +48,13 @@ META = "meta.json"
 FRAME_RE = re.compile(r"^v(\d{2})\.t(\d{3})\.jpg$")
 
 OPTIONAL_PARTS = ("frames", "masks", "pose3d", "pose2d", "cameras", "det2d")
+ARRAY_MEMBERS = (MASKS, POSE3D, POSE2D, CAM_K, CAM_RT, DET2D)
+
+
+def is_member(ext: str) -> bool:
+    """Whether a member extension is one this schema reads (anything else, a pickle or a
+    ``.pth`` included, is never even read)."""
+    return ext == META or ext in ARRAY_MEMBERS or FRAME_RE.match(ext) is not None
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
 

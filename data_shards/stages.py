@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from data_shards.manifest import Manifest
-from data_shards.schema import Sample, SampleError, decode_sample
+from data_shards.schema import Sample, SampleError, decode_sample, is_member
 from data_shards.tario import iter_tar_samples
 from data_shards.transforms import Decoded
 
@@ -35,6 +35,7 @@ class ShardRef(NamedTuple):  # one shard of the manifest(s)
     path: str
     samples: int
     first_key: str
+    sha256: str = ""
 
 
 class ShardSlice(NamedTuple):
@@ -45,6 +46,8 @@ class ShardSlice(NamedTuple):
     offset: int
     start: int
     stop: int
+    sha256: str = ""
+    """The manifest's hash of the file: checked before any sample is read ("" skips it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +140,7 @@ def plan_epoch(
     offset = 0
     for i in range(len(shards)) if order is None else order.tolist():
         s = shards[i]
-        yield ShardSlice(s.path, s.first_key, offset, 0, s.samples)
+        yield ShardSlice(s.path, s.first_key, offset, 0, s.samples, s.sha256)
         offset += s.samples
 
 
@@ -167,7 +170,9 @@ def read_shards(slices: Iterable[ShardSlice], ctx: WorkerContext) -> Iterator[di
     for s in slices:
         name, want, got, key, problem = os.path.basename(s.path), s.stop - s.start, 0, "-", ""
         try:
-            with contextlib.closing(iter_tar_samples(s.path, skip=s.start)) as samples:
+            samples = iter_tar_samples(s.path, skip=s.start, sha256=s.sha256 or None,
+                                       wanted=is_member)  # fmt: skip
+            with contextlib.closing(samples):
                 for raw in samples:
                     if got == 0 and s.start == 0 and s.first_key and raw["__key__"] != s.first_key:
                         problem = f"first key {raw['__key__']!r}, manifest says {s.first_key!r}"

@@ -5,13 +5,24 @@ writer stores the members of one sample next to each other. Errors in the tar st
 (a garbled header, a file cut inside a member) raise :class:`ShardError` naming the shard;
 a file cut at a member boundary ends early without error, which only the manifest count
 reveals (the reader checks it).
+
+Hostile or damaged files are refused before they cost memory or time: a path that is not a
+regular file (a FIFO would block ``open`` forever), a sparse member or one larger than
+:data:`MAX_MEMBER_BYTES` (a 1 MB shard can claim a 6 GB member), and, when the manifest's
+sha256 is given, any file whose bytes do not match it (bit rot: the first pass hashes the
+file, so not one sample of a damaged shard is handed out).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+MAX_MEMBER_BYTES = 64 * 1024**2
+"""The largest member read (a frame, an array, the metadata); larger claims are refused."""
 
 
 class ShardError(IOError):
@@ -29,32 +40,65 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext if dot else ""
 
 
-def iter_tar_samples(path: str | os.PathLike, skip: int = 0) -> Iterator[dict[str, bytes]]:
+def check_shard_file(path: str | os.PathLike, sha256: str | None = None) -> None:
+    """Refuse (:class:`ShardError`) a path that is not a regular file, or whose bytes do not
+    hash to ``sha256`` (when given)."""
+    shard = os.path.basename(os.fspath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ShardError(shard, f"cannot be opened ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise ShardError(shard, "not a regular file (a FIFO, device or directory); not read")
+    if sha256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != sha256:
+            raise ShardError(shard, "sha256 does not match the manifest (damaged or modified); "
+                                    "no sample of it is read")  # fmt: skip
+
+
+def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None = None,
+                     wanted: Callable[[str], bool] | None = None
+                     ) -> Iterator[dict[str, bytes]]:  # fmt: skip
     """Yield the samples of a tar file as ``{'__key__': key, ext: bytes, ...}`` in file order.
 
-    The first ``skip`` samples are passed over without reading their member data. Only
+    The first ``skip`` samples are passed over without reading their member data; members whose
+    extension ``wanted`` rejects are passed over the same way (their names still count). Only
     regular files are read (links, devices and directories are ignored: a shard is data, not a
-    file tree to recreate). Raises :class:`ShardError` on a structurally broken tar.
+    file tree to recreate). Raises :class:`ShardError` on a structurally broken tar, a path that
+    is not a regular file, a sparse or oversized member, or a sha256 mismatch (see the module
+    docstring).
     """
     shard = os.path.basename(os.fspath(path))
-    index, current, key = 0, None, None
+    check_shard_file(path, sha256)
+    index, current, key, names = 0, None, None, set()
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
+                if info.issparse() or info.size > MAX_MEMBER_BYTES:
+                    what = "a sparse member" if info.issparse() else f"{info.size} bytes"
+                    limit = f"at most {MAX_MEMBER_BYTES} plain bytes are read"
+                    raise ShardError(shard, f"member {info.name!r} claims {what} ({limit})")
                 k, ext = split_member_name(info.name)
                 if k != key:
                     if current is not None:
                         yield current
                     if key is not None:
                         index += 1
-                    key = k
+                    key, names = k, set()
                     current = {"__key__": k} if index >= skip else None
                 if current is None or not ext:
                     continue
-                if ext in current:
+                if ext in names:
                     raise ShardError(shard, f"member {info.name!r} appears twice")
+                names.add(ext)
+                if wanted is not None and not wanted(ext):
+                    continue  # passed over unread
                 data = tar.extractfile(info)
                 current[ext] = data.read() if data is not None else b""
             if current is not None:

@@ -38,7 +38,24 @@ def split(pristine, tmp_path):
     return shutil.copytree(pristine, tmp_path / "train")
 
 
-def read_all(split, **kw):
+def rehash(split):
+    """Make the manifest's hashes those of the files as they are now. The faults of most tests
+    here are in samples a writer produced (a consistent manifest that lies only about the
+    content), which is what reaches the per-sample checks; a file changed behind the manifest's
+    back (bit rot) is refused whole, and has its own test."""
+    from data_shards.manifest import Manifest, sha256_file
+
+    m = Manifest.load(split)
+    for info in m.shards:
+        path = split / info.name
+        if path.is_file():
+            info.sha256, info.bytes = sha256_file(path), path.stat().st_size
+    m.save(split)
+
+
+def read_all(split, rehash_first=True, **kw):
+    if rehash_first:
+        rehash(split)
     kw = {"batch_size": 1, "shuffle": False, "drop_last": False, **kw}
     reader = ShardReader(ReaderConfig(str(split), **kw), 0, 1)
     return [k for b in reader for k in b["keys"]], reader
@@ -168,6 +185,52 @@ def test_an_unreadable_shard_is_skipped(split, caplog, content):
     assert SHARD1 in line
 
 
+def test_bit_rot_behind_the_manifest_loses_the_whole_shard_before_any_sample(split, caplog):
+    """A few bits of one pose flipped, the manifest untouched: the hash check refuses the shard
+    before a sample of it is decoded (a flipped mantissa would give plausible wrong poses)."""
+    data = bytearray((split / SHARD1).read_bytes())
+    at = data.index(b"pose3d.npy")  # the member's header; its payload follows the next 512
+    data[at + 600] ^= 0x40
+    (split / SHARD1).write_bytes(bytes(data))
+    keys, reader = read_all(split, rehash_first=False)
+    assert keys == ALL[:4] + ALL[8:]
+    assert reader.errors["bad_shards"] == 1 and reader.errors["lost_samples"] == 4
+    (line,) = warnings_of(caplog)
+    assert SHARD1 in line and "sha256 does not match the manifest" in line
+
+
+def test_a_fifo_in_place_of_a_shard_is_refused_without_blocking(split, caplog):
+    os.remove(split / SHARD1)
+    os.mkfifo(split / SHARD1)
+    keys, reader = read_all(split, rehash_first=False)  # would block in open() forever
+    assert keys == ALL[:4] + ALL[8:] and reader.errors["bad_shards"] == 1
+    assert "not a regular file" in warnings_of(caplog)[0]
+
+
+def test_a_sparse_member_claiming_gigabytes_is_refused_without_reading_it(split, caplog):
+    """A GNU sparse member whose real size is 6 GB (a few bytes stored)."""
+    from data_shards.tario import MAX_MEMBER_BYTES
+
+    items = members(split / SHARD1)
+    with tarfile.open(split / SHARD1, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, payload in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    raw = bytearray((split / SHARD1).read_bytes())
+    first = raw.index(b"k0004.meta.json")
+    raw[first + 156] = ord("S")  # type flag: GNU sparse
+    size = oct(6 * 1024**3)[2:].rjust(11, "0").encode() + b"\0"
+    raw[first + 483 : first + 495] = size  # realsize field of the old GNU header
+    chk = sum(raw[first : first + 148]) + 8 * 32 + sum(raw[first + 156 : first + 512])
+    raw[first + 148 : first + 156] = oct(chk)[2:].rjust(6, "0").encode() + b"\0 "
+    (split / SHARD1).write_bytes(bytes(raw))
+    keys, reader = read_all(split)
+    assert keys == ALL[:4] + ALL[8:] and reader.errors["bad_shards"] == 1
+    line = warnings_of(caplog)[0]
+    assert "k0004.meta.json" in line and ("sparse" in line or str(MAX_MEMBER_BYTES) in line)
+
+
 def test_a_shard_not_in_the_manifest_is_never_read(split, caplog):
     shutil.copy(split / SHARD1, split / "shard-000099.tar")
     keys, reader = read_all(split)
@@ -232,6 +295,7 @@ def test_budget_and_counts_cross_worker_processes(split):
 def test_equal_batches_per_rank_survive_bad_input(split):
     os.truncate(split / SHARD1, cut_at_header(split / SHARD1))  # k0006, k0007 lost (rank 0)
     edit_member(split / "shard-000000.tar", "k0001.meta.json", b"{")
+    rehash(split)
     out = []
     for rank in range(2):
         reader = ShardReader(ReaderConfig(str(split), batch_size=2, shuffle=False), rank, 2)
@@ -248,6 +312,7 @@ def test_equal_batches_per_rank_survive_bad_input(split):
 def test_resume_after_errors_counts_each_once(split, workers, drop_last):
     os.truncate(split / SHARD1, cut_at_header(split / SHARD1))
     edit_member(split / "shard-000000.tar", "k0001.meta.json", b"{")
+    rehash(split)
     cfg = ReaderConfig(str(split), batch_size=2, shuffle_buffer=3, num_workers=workers,
                        start_method="fork", drop_last=drop_last)
     full = ShardReader(cfg, 0, 1)
