@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["pretrain"] and argv is None:  # before the seconds of imports that follow
+        from pretrain.signals import record_early
+
+        record_early()
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc-per-node relaunches
     from finetune.report.writer import record_command

@@ -27,8 +27,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import IO
 
 from pretrain.engine.dist import free_port
+from pretrain.signals import EARLY_SIGNAL_ENV, early_signal
 
-FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP)
 
 
 def rank_env(base: Mapping[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
@@ -147,7 +148,10 @@ def launch_local(
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if not argv:
         raise ValueError("argv is empty")
-    base = os.environ if env is None else env
+    base = dict(os.environ if env is None else env)
+    early = early_signal()  # arrived while this launcher was starting: the ranks inherit it
+    if early is not None:
+        base[EARLY_SIGNAL_ENV] = str(int(early))
     port = free_port()
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []

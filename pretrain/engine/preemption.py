@@ -13,7 +13,9 @@ import signal
 import types
 from collections.abc import Iterable
 
-DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+from pretrain.signals import PREEMPT_SIGNALS, early_signal
+
+DEFAULT_SIGNALS = PREEMPT_SIGNALS
 
 
 class PreemptionFlag:
@@ -45,6 +47,9 @@ class PreemptionFlag:
     def __enter__(self) -> PreemptionFlag:
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handler)
+        early = early_signal()  # received while the process was still importing
+        if self.signum is None and early is not None and early in self.signals:
+            self.signum = early
         return self
 
     def __exit__(self, *exc: object) -> None:

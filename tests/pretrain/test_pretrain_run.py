@@ -161,3 +161,39 @@ def test_two_processes_zero2_loss_decreases_and_reruns_resume(shards, tmp_path):
     r = posebert(*args[:-2], "--set", "train.max_steps=24", "--set", "train.progress=false")
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(losses(run)) == 24  # resumed at 20, not restarted
+
+
+def _checkpoints(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.parametrize("signum, when", [("SIGUSR1", "importing"), ("SIGTERM", "importing"),
+                                          ("SIGINT", "training"), ("SIGHUP", "training")])
+def test_a_preemption_signal_at_any_moment_checkpoints_and_asks_for_a_requeue(shards, tmp_path,
+                                                                              signum, when):
+    """USR1/TERM while torch and DeepSpeed are still importing (they used to kill the process,
+    138 / 143, with nothing saved), INT/HUP mid-training (they used to exit 130 / 129): every
+    one ends in a checkpoint and exit 75, and the same command then finishes the run."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "posebert", "pretrain", "--recipe", "debug_cpu", "--out",
+            str(run), "--set", f"data.train={shards / 'train'}", "--set", "train.progress=false",
+            "--set", "train.max_steps=200"]  # fmt: skip
+    p = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if when == "importing":
+        time.sleep(0.5)
+    else:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.1)
+    p.send_signal(getattr(signal, signum))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 75, err[-2000:]
+    assert _checkpoints(run) and f"preempted ({signum})" in err
+    step = int(_checkpoints(run)[-1].removeprefix("step_"))
+    r = posebert(*args[3:-1], f"train.max_steps={step + 2}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(losses(run)) == step + 2  # resumed where the signal stopped it
