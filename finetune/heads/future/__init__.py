@@ -20,6 +20,7 @@ from finetune.heads.future.model import (
     forecast,
     load_model,
     pose_features,
+    rollout,
     save_model,
 )
 from finetune.heads.future.run import (
@@ -28,13 +29,21 @@ from finetune.heads.future.run import (
     eval_windows,
     evaluate,
     forecast_windows,
+    hold_out,
     run_future,
     zero_velocity,
 )
-from finetune.heads.future.train import next_frame_loss, random_windows, scheduled_inputs, train
+from finetune.heads.future.train import (
+    next_frame_loss,
+    random_windows,
+    rollout_loss,
+    scheduled_inputs,
+    train,
+)
 
 __all__ = ["CONFIG", "FEATURES", "HORIZONS_MS", "METHODS", "RECIPES", "WEIGHTS", "Clip",
            "FutureConfig", "PoseGPT", "augment", "constant_velocity", "eval_windows", "evaluate",
-           "feature_pose_mm", "forecast", "forecast_windows", "horizon_frames", "load_model",
-           "next_frame_loss", "pose_features", "random_windows", "run_future", "sampling_share",
-           "save_model", "scheduled_inputs", "train", "zero_velocity"]  # fmt: skip
+           "feature_pose_mm", "forecast", "forecast_windows", "hold_out", "horizon_frames",
+           "load_model", "next_frame_loss", "pose_features", "random_windows", "rollout",
+           "rollout_loss", "run_future", "sampling_share", "save_model", "scheduled_inputs",
+           "train", "zero_velocity"]  # fmt: skip

@@ -41,6 +41,33 @@ class FutureConfig:
     """Weight of the root-velocity error (m/s) beside the pose error (m) in the loss."""
     mirror: bool = True
     """Left/right mirroring augmentation (with the joint swap)."""
+    speed: tuple[float, float] = (0.8, 1.25)
+    """Playback-speed augmentation: each training window is resampled at a speed drawn
+    log-uniformly from this range ((1, 1): off)."""
+    damping: float = 0.7
+    """Initial share of its last step that each joint coordinate continues (learned, one per
+    coordinate, in (0, 1); 0: off, the model starts as zero velocity)."""
+    reversion: float = 0.01
+    """Initial share of the way back to the mean of the seed poses taken per frame (learned,
+    one per coordinate, in (0, 1); 0: off): long forecasts settle near the observed poses
+    instead of drifting."""
+    rollout_weight: float = 0.0
+    """Weight of the rollout loss: the MPJPE of an autoregressive forecast of
+    ``rollout_frames`` frames from each window's seed, the model fed its own outputs (0: off)."""
+    rollout_frames: int = 12
+    """Frames rolled out by the rollout loss (at most the longest horizon)."""
+    rollout_every: int = 1
+    """Steps between rollout losses (a rollout costs one forward pass per frame)."""
+    select_clips: int = 2
+    """Train clips held out of training to choose the step kept and the transformer's share
+    (lowest worst-horizon ratio of the forecast error to zero velocity's on them; evenly
+    spaced in name order; 0: off, the last step with the full share). The evaluation splits
+    are never used to choose."""
+    select_every: int = 50
+    """Steps between those choices (step 0, the damped baseline, is always a candidate)."""
+    residual_shares: tuple[float, ...] = (0.0, 0.5, 1.0)
+    """Shares of the transformer's output tried at each choice (0: the damped baseline with
+    the shares learned so far)."""
     seed: int = 0
     """Seed of initialisation, batches, augmentation and sampling."""
     train_split: str = "train"
@@ -62,6 +89,16 @@ class FutureConfig:
             sampling_ramp=len(self.sampling_ramp) == 2
             and 0 <= self.sampling_ramp[0] <= self.sampling_ramp[1] <= 1,
             velocity_weight=self.velocity_weight >= 0,
+            speed=len(self.speed) == 2 and 0 < self.speed[0] <= self.speed[1],
+            damping=0 <= self.damping < 1,
+            reversion=0 <= self.reversion < 1,
+            rollout_weight=self.rollout_weight >= 0,
+            rollout_frames=self.rollout_frames >= 1,
+            rollout_every=self.rollout_every >= 1,
+            select_clips=self.select_clips >= 0,
+            select_every=self.select_every >= 1,
+            residual_shares=bool(self.residual_shares)
+            and all(0 <= r <= 1 for r in self.residual_shares),
             seed=self.seed >= 0,
             eval_splits=bool(self.eval_splits) and self.train_split not in self.eval_splits,
         )
@@ -78,7 +115,7 @@ def default() -> FutureConfig:
 def quick() -> FutureConfig:
     """A few seconds: ``posebert demo --quick`` and smoke runs."""
     optim = dataclasses.replace(FutureConfig.optim, schedule=LRSchedule(warmup_steps=5))
-    return FutureConfig(steps=30, width=32, batch_size=16, optim=optim)
+    return FutureConfig(steps=30, width=32, batch_size=16, optim=optim, select_every=10)
 
 
 RECIPES: dict[str, Callable[[], FutureConfig]] = {f.__name__: f for f in (default, quick)}

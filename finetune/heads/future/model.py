@@ -2,8 +2,10 @@
 
 Per frame, the root-relative joints in metres and the root velocity in m/s (so the model sees
 the body travel) -> linear -> ``transformers.GPT2Model`` over ``inputs_embeds`` (causal,
-learned absolute positions) -> linear: the change to the next frame's features (a residual,
-zero at initialisation, so an untrained model is the zero-velocity baseline).
+learned absolute positions) -> linear: the change to the next frame's features, added to a
+damped velocity pulled back toward the mean seed pose (two learned shares per joint
+coordinate). The transformer's output is zero at initialisation, so an untrained model is
+that damped, mean-reverting baseline.
 """
 
 from __future__ import annotations
@@ -78,26 +80,59 @@ class PoseGPT(nn.Module):
         self.embed = nn.Linear(FEATURES + NUM_JOINTS * 3, cfg.width)
         self.gpt = GPT2Model(gpt)
         self.head = nn.Linear(cfg.width, FEATURES)
-        nn.init.zeros_(self.head.weight)  # start as the zero-velocity baseline
+        nn.init.zeros_(self.head.weight)  # start as the damped, mean-reverting baseline
         nn.init.zeros_(self.head.bias)
+        self.seed_frames = cfg.seed_frames
+        self.damping = _share(cfg.damping)
+        self.reversion = _share(cfg.reversion)
+        self.register_buffer("residual", torch.ones(()))  # the transformer's share (chosen)
 
     def forward(self, x: torch.Tensor, past=None, prev: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, object]:  # fmt: skip
-        """Next-frame features for every input frame, and the key/value cache to continue;
-        ``prev`` (B, 1, F) is the frame before ``x[:, 0]`` (None: the sequence starts here)."""
+                ) -> tuple[torch.Tensor, tuple]:  # fmt: skip
+        """Next-frame features for every input frame, and the state to continue from (the
+        key/value cache, the running sum of the seed poses, the frames seen); ``prev`` (B, 1,
+        F) is the frame before ``x[:, 0]`` (None: the sequence starts here).
+
+        next = x + damping * (last step) + reversion * (seed mean - x) + transformer output,
+        the two shares learned per joint coordinate: a damped velocity that saturates instead
+        of drifting, pulled back toward the observed poses; the transformer corrects it."""
+        kv, total, seen = (None, 0.0, 0) if past is None else past
         before = torch.cat([x[:, :1] if prev is None else prev, x[:, :-1]], dim=1)
         joints = NUM_JOINTS * 3
-        velocity = (x[..., :joints] - before[..., :joints]) * self.fps  # (B, T, J*3) m/s
-        h = self.embed(torch.cat([x, velocity], dim=-1))  # (B, T, D)
-        out = self.gpt(inputs_embeds=h, past_key_values=past, use_cache=True)
-        return x + self.head(out.last_hidden_state), out.past_key_values
+        pose, step = x[..., :joints], x[..., :joints] - before[..., :joints]  # (B, T, J*3) m
+        h = self.embed(torch.cat([x, step * self.fps], dim=-1))  # (B, T, D)
+        out = self.gpt(inputs_embeds=h, past_key_values=kv, use_cache=True)
+        position = seen + torch.arange(x.shape[1], device=x.device)  # (T,)
+        in_seed = (position < self.seed_frames).to(x.dtype)[:, None]
+        total = total + (pose * in_seed).cumsum(dim=1)  # (B, T, J*3): sum of seed poses so far
+        anchor = total / position.clamp(max=self.seed_frames - 1).add(1)[:, None]
+        change = torch.zeros_like(pose)
+        if self.damping is not None:
+            change = change + torch.sigmoid(self.damping) * step
+        if self.reversion is not None:
+            change = change + torch.sigmoid(self.reversion) * (anchor - pose)
+        nxt = x + self.residual * self.head(out.last_hidden_state)
+        nxt = torch.cat([nxt[..., :joints] + change, nxt[..., joints:]], dim=-1)
+        return nxt, (out.past_key_values, total[:, -1:], int(position[-1]) + 1)
+
+
+def _share(initial: float) -> nn.Parameter | None:
+    """A learned share per joint coordinate (its logit), starting at ``initial``; None if 0."""
+    if initial == 0:
+        return None
+    return nn.Parameter(torch.full((NUM_JOINTS * 3,), math.log(initial / (1 - initial))))
 
 
 @torch.no_grad()
 def forecast(model: PoseGPT, seed: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Autoregressive forecast without gradients (:func:`rollout`)."""
+    return rollout(model, seed, horizon)
+
+
+def rollout(model: PoseGPT, seed: torch.Tensor, horizon: int) -> torch.Tensor:
     """Autoregressive forecast: seed features (B, S, F) -> the next ``horizon`` frames
     (B, horizon, F). After the seed only the model's own outputs are fed back (cached keys
-    and values: one new frame per step)."""
+    and values: one new frame per step); differentiable, so training can score rollouts."""
     if seed.shape[1] + horizon - 1 > model.max_frames:
         raise ValueError(f"seed {seed.shape[1]} + horizon {horizon} exceed the model's "
                          f"{model.max_frames} positions")  # fmt: skip
@@ -118,7 +153,7 @@ def save_model(model: PoseGPT, config: FutureConfig, fps: float, out: Path) -> N
     atomic_write_bytes(out / WEIGHTS, save(state))
     meta = {"config": to_dict(config), "max_frames": model.max_frames, "fps": fps,
             "features": "root-relative joints (m, 17 x 3) + root velocity (m/s)",
-            "output": "next-frame features (residual)"}  # fmt: skip
+            "output": "next-frame features (damped, mean-reverting residual)"}  # fmt: skip
     atomic_write_text(out / CONFIG, json.dumps(meta, indent=1) + "\n")
 
 

@@ -139,11 +139,20 @@ def run_future(shards: str | os.PathLike, out_dir: str | os.PathLike, config: Fu
             f"training window needs (seed {config.seed_frames} + {max(frames)})"
         )
     eval_clips = [c for name in config.eval_splits for c in read_motion(splits[name], name)]
+    train_clips, select_clips = hold_out(train_clips, config.select_clips)
     torch.manual_seed(config.seed)
     model = PoseGPT(config, max_frames=length, fps=fps)
     start = time.perf_counter()
     out = Path(out_dir)
-    history = train(model, train_clips, config, fps, progress, log_dir=out / "logs" / "future")
+    score = None
+    if select_clips:
+        def score(m: PoseGPT) -> float:  # the worst horizon's error relative to zero velocity
+            rows = evaluate(m, select_clips, config, fps)["rows"]
+            pairs = zip(rows["pose-gpt"]["all"].values(), rows["zero-velocity"]["all"].values(),
+                        strict=True)  # fmt: skip
+            return max(e / z for e, z in pairs if e is not None and z)
+    history, chosen = train(model, train_clips, config, fps, progress,
+                            log_dir=out / "logs" / "future", score=score)  # fmt: skip
     losses = [r["mpjpe_mm"] for r in history]
     seconds = time.perf_counter() - start
     result = evaluate(model, eval_clips, config, fps)
@@ -165,6 +174,11 @@ def run_future(shards: str | os.PathLike, out_dir: str | os.PathLike, config: Fu
             "loss": "next-frame MPJPE mm (scheduled-sampling inputs)",
             "loss_first10": round(float(np.mean(losses[:10])), 2),
             "loss_last10": round(float(np.mean(losses[-10:])), 2),
+            "selection_clips": [c.name for c in select_clips],
+            "selected": chosen | {"metric": "the largest ratio over the horizons of the "
+                                  "MPJPE to zero velocity's, on the selection clips (train "
+                                  "split, held out of training)"},
+            "damping": _mean_share(model.damping), "reversion": _mean_share(model.reversion),
         },
         "config": to_dict(config),
         "command": command_line(),
@@ -174,6 +188,25 @@ def run_future(shards: str | os.PathLike, out_dir: str | os.PathLike, config: Fu
     write_samples(out, "future", **forecast_samples(model, eval_clips, config, fps))
     return write_stage(out, "future", result, markdown_table(result),
                        {"future": plot(result, losses)})  # fmt: skip
+
+
+def hold_out(clips: list[Clip], count: int) -> tuple[list[Clip], list[Clip]]:
+    """(training clips, ``count`` clips held out to choose the model), the held-out ones evenly
+    spaced in name order; at least two clips stay for training."""
+    if count == 0:
+        return clips, []
+    if len(clips) - count < 2:
+        raise ValueError(f"select_clips={count} leaves fewer than 2 of the {len(clips)} "
+                         "train clips for training (set select_clips=0)")  # fmt: skip
+    ordered = sorted(clips, key=lambda c: c.name)
+    picks = set(np.linspace(0, len(ordered) - 1, count + 2)[1:-1].round().astype(int).tolist())
+    return ([c for i, c in enumerate(ordered) if i not in picks],
+            [c for i, c in enumerate(ordered) if i in picks])  # fmt: skip
+
+
+def _mean_share(logits: torch.Tensor | None) -> float | None:
+    """The mean of a learned share (its logits) over the joint coordinates."""
+    return None if logits is None else round(float(torch.sigmoid(logits.detach()).mean()), 4)
 
 
 def forecast_samples(model: PoseGPT, clips: list[Clip], cfg: FutureConfig, fps: float,

@@ -65,7 +65,7 @@ def write_clips(root, split: str, clips: dict[str, np.ndarray], scales: bool = F
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("future-shards")
-    write_clips(root, "train", {f"train{i}": moving_clip(64, phase=i) for i in range(3)},
+    write_clips(root, "train", {f"train{i}": moving_clip(64, phase=i) for i in range(5)},
                 scales=True)  # fmt: skip
     write_clips(root, "val", {"short": moving_clip(24, 1.0), "long": moving_clip(40, 2.0)})
     write_clips(root, "test", {"mid": moving_clip(32, 3.0)})
@@ -114,7 +114,9 @@ def test_horizons_round_to_frames():
 
 
 @pytest.mark.parametrize("bad", [{"seed_frames": 1}, {"horizons_ms": ()}, {"width": 130},
-                                 {"sampling_max": 1.5}, {"eval_splits": ("train",)}])  # fmt: skip
+                                 {"sampling_max": 1.5}, {"eval_splits": ("train",)},
+                                 {"damping": 1.0}, {"speed": (1.2, 0.8)},
+                                 {"residual_shares": (0.5, 2.0)}])  # fmt: skip
 def test_config_refuses_bad_values(bad):
     with pytest.raises(ValueError, match=f"FutureConfig.{next(iter(bad))}"):
         FutureConfig(**bad)
@@ -268,6 +270,11 @@ def test_run_future_end_to_end(shards, tmp_path):
     assert p["n"]["val"]["320"] < p["n"]["val"]["80"]
     assert set(result["rows"]) == set(fut.METHODS)
     assert result["training"]["loss_last10"] < result["training"]["loss_first10"]
+    chosen = result["training"]["selected"]  # chosen on two train clips held out of training
+    assert result["training"]["selection_clips"] == ["train1", "train3"]
+    assert result["training"]["train_clips"] == 3
+    assert chosen["step"] % cfg.select_every == 0 or chosen["step"] == cfg.steps
+    assert chosen["residual_share"] in cfg.residual_shares and chosen["score"] > 0
     table = (tmp_path / "future.md").read_text()
     assert "| pose-gpt |" in table and "320 ms" in table
     from finetune.report.samples import read_samples
@@ -277,5 +284,128 @@ def test_run_future_end_to_end(shards, tmp_path):
     assert samples["pred"].shape == samples["true"].shape and samples["fps"] == FPS
     np.testing.assert_allclose(samples["true"][:, :, 0], 0, atol=1e-3)  # root-relative
     model = fut.load_model(tmp_path)
+    assert float(model.residual) == chosen["residual_share"]  # the choice is saved with it
     windows = np.stack([moving_clip(26)])
     assert np.isfinite(fut.forecast_windows(model, windows, 10, 16, FPS)).all()
+
+
+# ----------------------------------------------------------------------------- training paths
+
+
+def test_untrained_model_is_the_damped_mean_reverting_baseline():
+    """With the transformer's output at zero, each coordinate continues ``damping`` of its
+    last step and moves ``reversion`` of the way back to the mean seed pose, every frame."""
+    cfg = quick(damping=0.6, reversion=0.05)
+    torch.manual_seed(0)
+    model = fut.PoseGPT(cfg, 26, FPS).eval()
+    poses = moving_clip(10)
+    seed = fut.pose_features(torch.from_numpy(poses[None]).double(), FPS).float()
+    pred = fut.feature_pose_mm(fut.forecast(model, seed, 8))[0].numpy()
+    relative = poses - poses[:, :1]
+    anchor, x, step = relative.mean(axis=0), relative[-1], relative[-1] - relative[-2]
+    expected = []
+    for _ in range(8):
+        nxt = x + 0.6 * step + 0.05 * (anchor - x)
+        step, x = nxt - x, nxt
+        expected.append(x)
+    np.testing.assert_allclose(pred, np.stack(expected), atol=0.05)
+
+
+def test_zero_shares_start_as_zero_velocity():
+    cfg = quick(damping=0.0, reversion=0.0)
+    model = fut.PoseGPT(cfg, 26, FPS).eval()
+    seed = fut.pose_features(torch.from_numpy(moving_clip(10)[None]).double(), FPS).float()
+    pred = fut.forecast(model, seed, 5)
+    assert model.damping is None and model.reversion is None
+    torch.testing.assert_close(pred[..., :-3], seed[:, -1:, :-3].expand(1, 5, -1))
+
+
+def test_scheduled_sampling_replaces_the_share_after_the_seed_with_predictions():
+    cfg = quick()
+    model = small_model(cfg)
+    x = fut.pose_features(torch.from_numpy(np.stack([moving_clip(26, p) for p in (0.0, 1.0)]))
+                          .double(), FPS).float()  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    assert fut.scheduled_inputs(model, x, 0.0, cfg.seed_frames, gen) is x
+    mixed = fut.scheduled_inputs(model, x, 1.0, cfg.seed_frames, gen)
+    with torch.no_grad():
+        pred, _ = model(x[:, :-1])
+    torch.testing.assert_close(mixed[:, : cfg.seed_frames], x[:, : cfg.seed_frames])
+    torch.testing.assert_close(mixed[:, cfg.seed_frames :], pred[:, cfg.seed_frames - 1 :])
+    half = fut.scheduled_inputs(model, x, 0.5, cfg.seed_frames, gen)
+    swapped = (half != x).any(-1)[:, cfg.seed_frames :].float().mean()
+    assert 0.2 < swapped < 0.8
+
+
+def test_training_uses_the_scheduled_share_of_each_step_and_the_rollout(shards, monkeypatch):
+    """The share passed to scheduled sampling is sampling_share(step) (a pure function of the
+    step: the same on a rerun), and the rollout loss runs every rollout_every steps, feeding
+    gradients through the model's own forecasts."""
+    import importlib
+
+    future_train = importlib.import_module("finetune.heads.future.train")  # not the function
+    cfg = quick(steps=12, sampling_ramp=(0.0, 0.5), sampling_max=1.0, rollout_weight=1.0,
+                rollout_frames=5, rollout_every=3, select_clips=0)  # fmt: skip
+    shares, rollouts = [], []
+    real_inputs, real_rollout = future_train.scheduled_inputs, future_train.rollout
+
+    def spy_inputs(model, x, share, seed_frames, gen):
+        shares.append(share)
+        return real_inputs(model, x, share, seed_frames, gen)
+
+    def spy_rollout(model, seed, horizon):
+        out = real_rollout(model, seed, horizon)
+        rollouts.append((seed.shape[1], horizon, out.requires_grad))
+        return out
+
+    monkeypatch.setattr(future_train, "scheduled_inputs", spy_inputs)
+    monkeypatch.setattr(future_train, "rollout", spy_rollout)
+    clips = read_motion(shards / "train", "train")
+    torch.manual_seed(0)
+    model = fut.PoseGPT(cfg, cfg.seed_frames + 16, FPS)
+    history, chosen = fut.train(model, clips, cfg, FPS, progress=False)
+    assert shares == [fut.sampling_share(i, cfg) for i in range(12)] and shares[-1] == 1.0
+    assert rollouts == [(cfg.seed_frames, 5, True)] * 4  # steps 0, 3, 6, 9
+    assert [r["step"] for r in history if "rollout_m" in r] == [0, 3, 6, 9]
+    assert chosen == {"step": 12, "residual_share": 1.0, "score": None}
+
+
+def test_selection_keeps_the_best_step_and_share(shards):
+    """A score that prefers no transformer at all keeps step 0's weights with share 0."""
+    cfg = quick(steps=6, select_every=2, select_clips=0)
+    clips = read_motion(shards / "train", "train")
+    torch.manual_seed(0)
+    model = fut.PoseGPT(cfg, cfg.seed_frames + 16, FPS)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    _, chosen = fut.train(model, clips, cfg, FPS, progress=False,
+                          score=lambda m: float(m.residual))  # fmt: skip
+    assert chosen == {"step": 0, "residual_share": 0.0, "score": 0.0}
+    assert float(model.residual) == 0.0
+    for name, value in model.state_dict().items():
+        if name != "residual":
+            torch.testing.assert_close(value, start[name])
+
+
+def test_held_out_selection_clips_are_evenly_spaced_and_leave_two():
+    clips = [Clip("train", f"c{i:02d}", 0, moving_clip(30)) for i in range(11)]
+    kept, held = fut.hold_out(clips, 2)
+    assert [c.name for c in held] == ["c03", "c07"] and len(kept) == 9
+    assert fut.hold_out(clips, 0) == (clips, [])
+    with pytest.raises(ValueError, match="select_clips=10 leaves fewer than 2"):
+        fut.hold_out(clips, 10)
+
+
+def test_speed_augmentation_resamples_windows():
+    line = moving_clip(1) + np.arange(60)[:, None, None] * np.array([10.0, 0.0, 0.0])
+    clip = Clip("train", "line", 0, line.astype(np.float32))
+    gen = torch.Generator().manual_seed(0)
+    fast = fut.random_windows([clip], 20, 32, gen, speed=(1.25, 1.25))
+    step = (fast[:, 1:] - fast[:, :-1])[..., 0].double()  # (32, 19, J) mm per frame
+    first = ((fast[:, 0, 0, 0] - line[0, 0, 0]) / 10.0).round()  # the window's first frame
+    fits = first + 1.25 * 19 <= 59  # else the clip is too short at 1.25x: normal speed
+    assert fits.any() and (~fits).any()
+    torch.testing.assert_close(step[fits], torch.full_like(step[fits], 12.5), atol=1e-3, rtol=0)
+    torch.testing.assert_close(step[~fits], torch.full_like(step[~fits], 10.0), atol=1e-3, rtol=0)
+    too_long = fut.random_windows([clip], 55, 2, gen, speed=(1.25, 1.25))  # plays at 1x
+    step = (too_long[:, 1:] - too_long[:, :-1])[..., 0].double()
+    torch.testing.assert_close(step, torch.full_like(step, 10.0), atol=1e-3, rtol=0)
