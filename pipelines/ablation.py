@@ -9,9 +9,12 @@ sees; choose them with ``shards synth --val-clips/--test-clips``):
 - ``augment``: colour jitter drawn per window and per view;
 - ``appearance-swap``: shards rendering every window in two appearances, both as views, so
   the multi-view positives include the same instant in other clothing and background;
-- ``span-mask``: masking runs of 3 consecutive frames instead of single frames.
+- ``span-mask``: masking runs of 3 consecutive frames instead of single frames;
+- ``same-window-negatives``: half the distractors from the anchor's own window (the same
+  clothing and background, other poses beyond the threshold).
 
-The baseline has all four off; each lever is then added alone, and all four together. Like
+The baseline has every lever off; each lever is then added alone; ``all`` has the first four
+on (the demo's pretraining), ``all+same-window-negatives`` the five. Like
 ``posebert demo``, every step is the printed ``posebert`` command, skipped when its output
 exists, so running the ablation again continues. DIR/ablation.json, DIR/ablation.md (one table
 per held-out set, with the command of every row) and DIR/ablation.png (the share of the
@@ -28,8 +31,9 @@ from pathlib import Path
 from finetune.report import gap_closed, md_table, pyplot, write_stage
 from finetune.report.cli import write_report
 from pipelines import chain
-from pipelines.demo import pretrain_recipe, synth_stage
-from pipelines.stages import Stage, open_record, run_stages
+from pipelines.demo import appearance_synth_stage, lever_chain, pretrain_recipe, synth_stage
+from pipelines.stages import Stage, open_record, print_plan, run_stages
+from pretrain.recipes import BEST_LEVERS
 from pretrain.recipes import LEVERS as RECIPE_LEVERS
 
 HELDOUT = ("val", "test")
@@ -41,9 +45,11 @@ LEVERS = tuple(RECIPE_LEVERS)
 VARIANTS: dict[str, tuple[str, ...]] = {
     "baseline": (),
     **{f"+{lever}": (lever,) for lever in LEVERS},
-    "all": tuple(LEVERS),
+    "all": BEST_LEVERS,
+    "all+same-window-negatives": (*BEST_LEVERS, "same-window-negatives"),
 }
-"""Variant name -> the levers it switches on."""
+"""Variant name -> the levers it switches on (``all``: the four against appearance, the
+demo's pretraining)."""
 
 REFERENCE_ROWS = ("random-init", "raw pixels 16x16", "oracle", "chance")
 
@@ -64,8 +70,7 @@ def plan(out: Path, variants: list[str], quick: bool, nproc: int) -> list[Stage]
     retrieval per held-out set (sharing one embedding cache)."""
     stages = [synth_stage(out / "shards", quick)]
     if any("appearance-swap" in VARIANTS[v] for v in variants):
-        stages.append(synth_stage(out / "shards-app", quick, "--appearances-per-sample", "2",
-                                  name="shards-appearance-swap"))  # fmt: skip
+        stages.append(appearance_synth_stage(out, quick))
     for variant in variants:
         slug = variant.lstrip("+")
         c = variant_chain(out, variant, quick, nproc)
@@ -82,26 +87,23 @@ def _named(stage: Stage, name: str) -> Stage:
 
 
 def variant_chain(out: Path, variant: str, quick: bool, nproc: int) -> chain.Chain:
-    """The demo's pretraining recipe with the variant's levers; appearance-swap reads the
-    appearance-swapped shards and draws 4 of their 8 views (as many frames per step)."""
-    recipe, steps = pretrain_recipe(quick)
-    swap = "appearance-swap" in VARIANTS[variant]
-    sets = ("data.views=4",) if swap and not quick else ()
-    return chain.Chain(out / "shards", out / variant.lstrip("+"), recipe=recipe,
-                       levers=",".join(VARIANTS[variant]) or "none", pretrain_sets=sets,
-                       max_steps=steps, nproc=nproc,
-                       train_split=out / ("shards-app" if swap else "shards") / "train")
+    """The demo's pretraining recipe with the variant's levers (:func:`pipelines.demo.
+    lever_chain`)."""
+    return lever_chain(out, out / variant.lstrip("+"), VARIANTS[variant], quick, nproc)
 
 
 def run_ablation(out_dir: str | os.PathLike, variants: str | None = None, quick: bool = False,
-                 nproc: int = 2) -> int:  # fmt: skip
-    """Run (or continue) every stage, then write DIR/ablation.json, .md and .png."""
+                 nproc: int = 2, dry_run: bool = False) -> int:  # fmt: skip
+    """Run (or continue) every stage, then write DIR/ablation.json, .md and .png; with
+    ``dry_run``, print the commands and run nothing."""
     chosen = parse_variants(variants)
     out = Path(out_dir)
+    stages = plan(out, chosen, quick, nproc)
+    if dry_run:
+        return print_plan(stages, "ablation")
     record_path = out / "ablation-run.json"
     settings = {"quick": quick, "nproc": nproc}
     record = open_record(record_path, "an ablation run", settings)
-    stages = plan(out, chosen, quick, nproc)
     code = run_stages(stages, "ablation", record, record_path)
     if code:
         return code

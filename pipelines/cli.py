@@ -10,6 +10,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (re-running it continues)")
     p.add_argument("--quick", action="store_true", help="a sliver of the data, a few minutes")
     p.add_argument("--nproc-per-node", type=int, default=2, help="pretraining processes")
+    p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     p.set_defaults(handler=cmd_demo)
 
     p = stages.add_parser("ablation", help="which pretraining levers make features carry pose: "
@@ -17,19 +18,22 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (re-running it continues)")
     p.add_argument("--variants", default=None, metavar="V,V,...",
                    help="baseline, +background-mask, +augment, +appearance-swap, +span-mask, "
-                   "all (default: every one)")  # fmt: skip
+                   "+same-window-negatives, all, all+same-window-negatives (default: every "
+                   "one)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a sliver of the data, a few minutes")
     p.add_argument("--nproc-per-node", type=int, default=2, help="pretraining processes")
+    p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     p.set_defaults(handler=cmd_ablation)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    return run_demo(args.out, quick=args.quick, nproc=args.nproc_per_node)
+    return run_demo(args.out, quick=args.quick, nproc=args.nproc_per_node, dry_run=args.dry_run)
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
     from pipelines.ablation import run_ablation
 
-    return run_ablation(args.out, args.variants, quick=args.quick, nproc=args.nproc_per_node)
+    return run_ablation(args.out, args.variants, quick=args.quick, nproc=args.nproc_per_node,
+                        dry_run=args.dry_run)

@@ -3,8 +3,11 @@
 Stages, each the ``posebert`` command a user would type (printed before it runs), each skipped
 when its output is already there, so running the demo again continues where it stopped:
 
-1. ``shards synth``: the embedded real-motion shards (all clips; ``--quick``: four clips, 2 views);
-2. ``pretrain --recipe demo_cpu --nproc-per-node 2``: DeepSpeed, two processes (resumes);
+1. ``shards synth``: the embedded real-motion shards (all clips; ``--quick``: four clips, 2 views),
+   and the same clips with every window in two appearances (``--appearances-per-sample 2``);
+2. ``pretrain --recipe demo_cpu --levers ... --nproc-per-node 2``: DeepSpeed, two processes
+   (resumes), with the levers of the ablation's best variant
+   (:data:`pretrain.recipes.BEST_LEVERS`) on the appearance-swapped train split;
 3. ``export``: the encoder as safetensors + config;
 4. ``evaluate retrieval``: the model beside random-init, raw pixels, oracle and chance;
 5. ``finetune pose``: probe and full fine-tune at 10% and 100% labels, pretrained vs random-init;
@@ -30,7 +33,8 @@ from pathlib import Path
 from finetune.report import gap_closed, write_stage
 from finetune.report.cli import write_report
 from pipelines import chain
-from pipelines.stages import Stage, open_record, run_stages
+from pipelines.stages import Stage, open_record, print_plan, run_stages
+from pretrain.recipes import BEST_LEVERS
 
 QUICK_CLIPS = "walk,jump,run,dance_b"  # train walk, jump; val run; test dance_b
 QUICK_SYNTH = ("--clips", QUICK_CLIPS, "--views", "2", "--frames", "8", "--size", "64")
@@ -47,6 +51,13 @@ def synth_stage(shards: Path, quick: bool, *extra: str, name: str = "shards") ->
     return Stage(name, args + list(QUICK_SYNTH if quick else ()), shards / "test" / "manifest.json")
 
 
+def appearance_synth_stage(out: Path, quick: bool) -> Stage:
+    """OUT/shards-app: every window in two appearances as extra views (the appearance-swap
+    lever's shards; pretraining reads their train split)."""
+    return synth_stage(out / "shards-app", quick, "--appearances-per-sample", "2",
+                       name="shards-appearance-swap")  # fmt: skip
+
+
 def pretrain_recipe(quick: bool) -> tuple[str, int]:
     """The demo's pretraining recipe and its last step."""
     from pretrain.recipes import get_recipe
@@ -55,23 +66,47 @@ def pretrain_recipe(quick: bool) -> tuple[str, int]:
     return name, get_recipe(name).train.max_steps
 
 
-def plan(out: Path, quick: bool, nproc: int) -> list[Stage]:
+def lever_chain(out: Path, run_out: Path, levers: tuple[str, ...], quick: bool, nproc: int,
+                **fields) -> chain.Chain:  # fmt: skip
+    """The demo's recipe with exactly these levers on, evaluated on OUT/shards; with
+    appearance-swap it pretrains on OUT/shards-app and draws 4 of their 8 views (as many
+    frames per step as without it)."""
     recipe, steps = pretrain_recipe(quick)
-    c = chain.Chain(out / "shards", out, recipe=recipe, max_steps=steps, nproc=nproc,
-                    pose_recipe="quick" if quick else "demo",
+    swap = "appearance-swap" in levers
+    sets = ("data.views=4",) if swap and not quick else ()
+    return chain.Chain(out / "shards", run_out, recipe=recipe,
+                       levers=",".join(levers) or "none", pretrain_sets=sets, max_steps=steps,
+                       nproc=nproc, train_split=out / ("shards-app" if swap else "shards")
+                       / "train", **fields)  # fmt: skip
+
+
+def plan(out: Path, quick: bool, nproc: int, levers: tuple[str, ...] = BEST_LEVERS
+         ) -> list[Stage]:  # fmt: skip
+    """Shards (and the appearance-swapped ones when that lever is on), the chain pretrained
+    with ``levers`` (default: the ablation's best variant), then the video chain."""
+    c = lever_chain(out, out, levers, quick, nproc, pose_recipe="quick" if quick else "demo",
                     future_recipe="quick" if quick else "default")  # fmt: skip
     v = chain.VideoChain(c.shards, out, clip=VIDEO_CLIP, workers=nproc,
                          **({"video_sets": QUICK_VIDEO, "lift_sets": QUICK_LIFT} if quick
                             else {}))  # fmt: skip
-    return [synth_stage(c.shards, quick), *chain.full(c), *chain.video(v)]
+    shards = [synth_stage(c.shards, quick)]
+    if "appearance-swap" in levers:
+        shards.append(appearance_synth_stage(out, quick))
+    return [*shards, *chain.full(c), *chain.video(v)]
 
 
-def run_demo(out_dir: str | os.PathLike, quick: bool = False, nproc: int = 2) -> int:
-    """Run (or continue) every stage, then write DIR/results.json and DIR/results.md."""
+def run_demo(out_dir: str | os.PathLike, quick: bool = False, nproc: int = 2,
+             dry_run: bool = False) -> int:  # fmt: skip
+    """Run (or continue) every stage, then write DIR/results.json and DIR/results.md; with
+    ``dry_run``, print the commands and run nothing."""
     out = Path(out_dir)
+    stages = plan(out, quick, nproc)
+    if dry_run:
+        return print_plan(stages, "demo")
     record_path = out / "demo.json"
-    record = open_record(record_path, "a demo run", {"quick": quick, "nproc": nproc})
-    code = run_stages(plan(out, quick, nproc), "demo", record, record_path)
+    settings = {"quick": quick, "nproc": nproc, "levers": list(BEST_LEVERS)}
+    record = open_record(record_path, "a demo run", settings)
+    code = run_stages(stages, "demo", record, record_path)
     if code:
         return code
     results = summarize(out, record)
@@ -143,7 +178,9 @@ def video_rows(v: dict) -> list[str]:
 
 def results_markdown(results: dict) -> str:
     """One table: retrieval rows, pose-head rows, forecast rows; then the stage times."""
-    lines = ["| task | method | MPJPE (mm) | P-MPJPE (mm) | note |", "|---|---|---|---|---|"]
+    levers = results["settings"].get("levers") or ["none"]
+    lines = [f"Pretraining levers on: {', '.join(levers)} (the ablation's best variant).", "",
+             "| task | method | MPJPE (mm) | P-MPJPE (mm) | note |", "|---|---|---|---|---|"]
     for name, r in results["retrieval"].items():
         probe = "" if r["probe_mpjpe"] is None else f"; linear probe {r['probe_mpjpe']:.1f} mm"
         lines.append(f"| retrieval top-1 | {name} | {r['mpjpe_top1']:.1f} | "

@@ -73,3 +73,12 @@ def run_stages(stages: list[Stage], tag: str, record: dict, record_path: Path) -
         record["stages"][stage.name] = {"command": command, "seconds": round(seconds, 1)}
         atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
     return 0
+
+
+def print_plan(stages: list[Stage], tag: str) -> int:
+    """``--dry-run``: every stage's command in order, marked where its output already exists
+    (a real run would skip it); runs and writes nothing. Returns 0."""
+    for i, stage in enumerate(stages, 1):
+        status = "  # done already" if stage.done.exists() else ""
+        print(f"[{tag} {i}/{len(stages)}] {stage.name}: $ {stage.command}{status}", flush=True)
+    return 0

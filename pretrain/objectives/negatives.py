@@ -66,7 +66,19 @@ class NegativeConfig:
     anchor's target are skipped as probably the same pose; the K most similar of the rest are
     taken. In (-1, 1]; 1 skips only exact duplicates."""
 
+    same_window: float = 0.0
+    """Share of the K distractors drawn from the anchor's own window (any of its views: the
+    same clothing, background, body and clip, other instants), beyond ``pose_threshold_mm``
+    when the batch has poses; the rest are drawn by ``kind`` from the other windows. Such
+    distractors differ from the anchor in pose alone, so appearance cannot tell them apart.
+    1: only same-window distractors. Needs kind ``gt_pose`` or ``cosine``."""
+
     def __post_init__(self) -> None:
+        if not 0.0 <= self.same_window <= 1.0:
+            raise ValueError(f"same_window must be in [0, 1], got {self.same_window!r}")
+        if self.same_window > 0 and self.kind == "uniform":
+            raise ValueError("same_window needs kind 'gt_pose' or 'cosine' (uniform negatives "
+                             "already come from the anchor's own sequence)")  # fmt: skip
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
         if isinstance(self.num, bool) or not isinstance(self.num, int) or self.num < 1:
@@ -113,6 +125,8 @@ class CandidatePool:
     """(M,) long, one id per instant (rank, b, t); it is also the instant's row in ``pose3d``."""
     sequence: Tensor
     """(M,) long, one id per sequence (rank, b, v)."""
+    window: Tensor
+    """(M,) long, one id per window (rank, b): every view of one sample."""
     pose3d: Tensor | None
     """(R * B * T, J, 3) root-relative pose of each instant, or None without labels."""
     anchors: Tensor
@@ -180,7 +194,8 @@ def make_pool(
     r, n = rows // N, rows % N
     instant = r * (B * T) + (n // (V * T)) * T + n % T
     anchors = rank * N + mask.reshape(N).nonzero().squeeze(1)
-    return CandidatePool(pool_targets, masked, instant, rows // T, poses, anchors, rank * N)
+    return CandidatePool(pool_targets, masked, instant, rows // T, rows // (V * T), poses,
+                         anchors, rank * N)  # fmt: skip
 
 
 def mpjpe_root_relative(a: Tensor, b: Tensor) -> Tensor:
@@ -221,19 +236,37 @@ def _random_scores(shape: tuple[int, int], generator: torch.Generator, device) -
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
+def _pose_distance(pool: CandidatePool, anchors: Tensor) -> Tensor:
+    """(c, M) root-relative MPJPE (mm) from each anchor's pose to every pool row's."""
+    poses = pool.pose3d
+    per_instant = mpjpe(poses[pool.instant[anchors]][:, None], poses[None])  # (c, I)
+    return per_instant[:, pool.instant]
+
+
 def _sample_chunk(
     config: NegativeConfig, pool: CandidatePool, anchors: Tensor, generator: torch.Generator
 ) -> NegativeSample:
-    """Negatives for one chunk of anchors: build (c, M) candidate masks and scores, take top K."""
+    """Negatives for one chunk of anchors: build (c, M) candidate masks and scores, take top K
+    (the same-window share first, then the kind's from the other windows)."""
     shape = (anchors.shape[0], pool.instant.shape[0])
     candidate = pool.instant[None, :] != pool.instant[anchors, None]  # never the same instant
+    dist = None
+    if config.kind == "gt_pose" or (config.same_window > 0 and pool.pose3d is not None):
+        dist = _pose_distance(pool, anchors)
+    own = None
+    if config.same_window > 0:
+        same = pool.window[None, :] == pool.window[anchors, None]
+        own_candidate = candidate & same
+        if dist is not None:
+            own_candidate &= dist > config.pose_threshold_mm
+        k_own = round(config.num * config.same_window)
+        own = _take_top(_random_scores(shape, generator, candidate.device), own_candidate, k_own)
+        candidate &= ~same
+    num = config.num - (own.index.shape[1] if own is not None else 0)
     if config.kind == "uniform":
         candidate &= pool.masked[None, :] & (pool.sequence[None, :] == pool.sequence[anchors, None])
         score = _random_scores(shape, generator, candidate.device)
     elif config.kind == "gt_pose":
-        poses = pool.pose3d
-        per_instant = mpjpe(poses[pool.instant[anchors]][:, None], poses[None])  # (c, I)
-        dist = per_instant[:, pool.instant]  # (c, M)
         candidate &= dist > config.pose_threshold_mm
         score = -dist if config.hardest else _random_scores(shape, generator, candidate.device)
     else:  # cosine
@@ -241,7 +274,11 @@ def _sample_chunk(
         sim = unit[anchors] @ unit.T  # (c, M)
         candidate &= sim <= config.cosine_cutoff
         score = sim
-    return _take_top(score, candidate, config.num)
+    rest = _take_top(score, candidate, num)
+    if own is None:
+        return rest
+    return NegativeSample(torch.cat([own.index, rest.index], dim=1),
+                          torch.cat([own.valid, rest.valid], dim=1))  # fmt: skip
 
 
 @torch.no_grad()

@@ -39,8 +39,10 @@ def test_main_job_quick(quick_demo):
         assert row in table, table
     assert table in r.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    stages = {"shards", "pretrain", "export", "retrieval", "pose", "future", "detect",
-              "lift-detected", "render-video", "predict"}
+    stages = {"shards", "shards-appearance-swap", "pretrain", "export", "retrieval", "pose",
+              "future", "detect", "lift-detected", "render-video", "predict"}
+    assert table.startswith("Pretraining levers on: background-mask, augment, appearance-swap, "
+                            "span-mask (the ablation's best variant).")  # fmt: skip
     assert set(results["stages"]) == stages
     video = results["video"]  # the held-out clip as a video, through the detector and the TCN
     assert video["frames"] == 40 and 0 < video["detection_rate"] <= 1
@@ -53,6 +55,13 @@ def test_main_job_quick(quick_demo):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("done already") == len(stages)
     assert (tmp_path / "results.md").read_text() == table
+    dry = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "posebert"), "demo", "--out", str(tmp_path / "none"),
+         "--dry-run"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert dry.returncode == 0 and not (tmp_path / "none").exists()
+    printed = [line for line in dry.stdout.splitlines() if ": $ posebert " in line]
+    assert len(printed) == len(stages) and "--levers background-mask,augment" in dry.stdout
     other = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "posebert"), "demo", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,

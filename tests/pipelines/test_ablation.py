@@ -37,6 +37,10 @@ def test_each_variant_switches_on_its_levers_only(tmp_path):
     every = _config(stages["all: pretrain"])
     assert every.model.augment == aug.model.augment and every.data == swap.data
     assert every.model.backbone.background_mask and every.model.mask.span == 3
+    assert every.objective.negatives.same_window == 0
+    five = _config(stages["all+same-window-negatives: pretrain"])
+    assert five.objective.negatives.same_window == 0.5 and five.data == every.data
+    assert _config(stages["same-window-negatives: pretrain"]).objective.negatives.kind == "gt_pose"
     from pretrain.recipes import gpu_pose_resnet50
 
     assert every.model.augment == gpu_pose_resnet50().model.augment  # one definition

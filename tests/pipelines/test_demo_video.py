@@ -50,3 +50,40 @@ def test_the_video_rows_of_the_results_table():
     assert demo.video_rows(v | {"mpjpe": None, "p_mpjpe": None, "mean_pose": None}) == [
         "| video 3D (dance_b, 640x360, 50 fps) | tcn rf27, trained on detected 2D | n/a | n/a "
         "| person found in 85% of 127 frames, 108 scored; detector 2D median 18 px |"]
+
+
+def test_the_demo_pretrains_the_ablations_best_variant(tmp_path):
+    """One definition: the demo's pretraining resolves to exactly the ablation's `all` row
+    (every lever, the appearance-swapped train split, 4 of its 8 views)."""
+    from pipelines import ablation
+    from pretrain.cli import resolve_config
+    from pretrain.recipes import BEST_LEVERS, LEVERS
+
+    def config(stage):
+        args = stage.args
+        sets = [a.removeprefix("--set=") for a in args if a.startswith("--set=")]
+        return resolve_config(args[args.index("--recipe") + 1], sets,
+                              args[args.index("--levers") + 1])  # fmt: skip
+
+    stages = {s.name: s for s in demo.plan(tmp_path, quick=False, nproc=2)}
+    best = {s.name: s for s in ablation.plan(tmp_path, ["all"], False, 2)}
+    assert ablation.VARIANTS["all"] == BEST_LEVERS and set(BEST_LEVERS) < set(LEVERS)
+    assert config(stages["pretrain"]) == config(best["all: pretrain"])
+    assert config(stages["pretrain"]).data.train == str(tmp_path / "shards-app" / "train")
+    assert stages["shards-appearance-swap"].args == best["shards-appearance-swap"].args
+    assert "--appearances-per-sample" in stages["shards-appearance-swap"].args
+    plain = [s.name for s in demo.plan(tmp_path, quick=False, nproc=2, levers=("span-mask",))]
+    assert "shards-appearance-swap" not in plain
+
+
+def test_dry_run_prints_every_command_and_writes_nothing(tmp_path, capsys):
+    from pipelines import ablation
+
+    out = tmp_path / "demo"
+    assert demo.run_demo(out, quick=True, nproc=1, dry_run=True) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(demo.plan(out, quick=True, nproc=1)) and not out.exists()
+    assert all(": $ posebert " in line for line in printed)
+    assert ablation.run_ablation(tmp_path / "ab", "baseline,all", dry_run=True) == 0
+    printed = capsys.readouterr().out
+    assert "all: pretrain: $ posebert pretrain" in printed and not (tmp_path / "ab").exists()

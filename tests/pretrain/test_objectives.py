@@ -402,6 +402,48 @@ def test_gather_contract_is_checked_and_uniform_does_not_gather():
     assert gather.calls == 0
 
 
+@pytest.mark.parametrize("kind, share", [("gt_pose", 0.5), ("cosine", 0.25), ("gt_pose", 1.0)])
+def test_same_window_share_comes_from_the_anchors_window_beyond_the_threshold(kind, share):
+    """The first round(K x share) slots hold frames of the anchor's own window (any view, another
+    instant, beyond the pose threshold); the rest come from other windows by the kind."""
+    B, V, T, K = 3, 2, 16, 12
+    own_k = round(K * share)
+    for seed in range(6):
+        context, targets, mask, pose3d = _batch(B, V, T, seed=seed)
+        pool, neg = _sample(kind, context, targets, mask, pose3d, seed, num=K, same_window=share)
+        assert neg.index.shape == (len(pool.anchors), K)
+        _, ab, _, at = _decode(pool.anchors.numpy(), B, V, T)
+        _, nb, _, nt = _decode(neg.index.numpy(), B, V, T)
+        valid = neg.valid.numpy()
+        own, rest = slice(0, own_k), slice(own_k, K)
+        assert valid[:, own].any()
+        assert (nb[:, own] == ab[:, None])[valid[:, own]].all()
+        assert (nt[:, own] != at[:, None])[valid[:, own]].all()
+        poses = pose3d.numpy()
+        dist = _np_mpjpe(poses[ab, at][:, None], poses[nb, nt])
+        assert (dist[:, own][valid[:, own]] > 50.0 - 1e-3).all()
+        # as many as the window offers beyond the threshold (each instant in V views)
+        dist_window = _np_mpjpe(poses[ab, at][:, None], poses[ab])  # (A, T)
+        available = (dist_window > 50.0).sum(1) * V
+        np.testing.assert_array_equal(valid[:, own].sum(1), np.minimum(available, own_k))
+        if own_k < K:
+            assert valid[:, rest].any() and (nb[:, rest] != ab[:, None])[valid[:, rest]].all()
+        rows = np.where(valid, neg.index.numpy(), -1 - np.arange(K))  # no row twice
+        assert all(len(set(r)) == K for r in rows)
+
+
+def test_same_window_off_keeps_the_samplers_draws():
+    """same_window=0 draws exactly what the sampler drew before it existed (same generator use)."""
+    context, targets, mask, pose3d = _batch(2, 2, 16, seed=3)
+    for kind in KINDS:
+        _, a = _sample(kind, context, targets, mask, pose3d, 3, num=10)
+        _, b = _sample(kind, context, targets, mask, pose3d, 3, num=10, same_window=0.0)
+        torch.testing.assert_close(a.index, b.index)
+    _, a = _sample("gt_pose", context, targets, mask, pose3d, 3, num=10)
+    _, c = _sample("gt_pose", context, targets, mask, pose3d, 3, num=10, same_window=0.5)
+    assert not torch.equal(a.index, c.index)
+
+
 # --- configs, bad input, collapse ------------------------------------------------------------
 
 
@@ -412,6 +454,8 @@ def test_gather_contract_is_checked_and_uniform_does_not_gather():
         ({"negatives": {"num": 0}}, "num must be an int >= 1"),
         ({"negatives": {"kind": "cosine", "hardest": True}}, "hardest applies to kind='gt_pose'"),
         ({"negatives": {"cosine_cutoff": 1.5}}, "cosine_cutoff must be in (-1, 1]"),
+        ({"negatives": {"same_window": 1.5}}, "same_window must be in [0, 1]"),
+        ({"negatives": {"same_window": 0.5}}, "same_window needs kind 'gt_pose' or 'cosine'"),
         ({"temperature": 0}, "temperature must be in (0, 10]"),
         ({"negatives": {"negative_count": 3}}, "negatives.negative_count: unknown field"),
     ],

@@ -16,6 +16,7 @@ repeats the last seed pose; constant-velocity extrapolates its last step. Clips 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -139,7 +140,12 @@ def run_future(shards: str | os.PathLike, out_dir: str | os.PathLike, config: Fu
             f"training window needs (seed {config.seed_frames} + {max(frames)})"
         )
     eval_clips = [c for name in config.eval_splits for c in read_motion(splits[name], name)]
-    train_clips, select_clips = hold_out(train_clips, config.select_clips)
+    count = config.select_clips
+    if count and len(train_clips) - count < 2:
+        print(f"finetune future: only {len(train_clips)} train clips long enough; none held out "
+              "to choose the model (the last step, the full transformer share)", file=sys.stderr)
+        count = 0
+    train_clips, select_clips = hold_out(train_clips, count)
     torch.manual_seed(config.seed)
     model = PoseGPT(config, max_frames=length, fps=fps)
     start = time.perf_counter()

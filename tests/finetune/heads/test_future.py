@@ -395,6 +395,13 @@ def test_held_out_selection_clips_are_evenly_spaced_and_leave_two():
         fut.hold_out(clips, 10)
 
 
+def test_too_few_train_clips_to_hold_out_trains_on_all(shards, tmp_path, capsys):
+    result = fut.run_future(shards, tmp_path, quick(steps=5, select_clips=4), progress=False)
+    assert result["training"]["train_clips"] == 5 and result["training"]["selection_clips"] == []
+    assert result["training"]["selected"]["step"] == 5
+    assert "none held out" in capsys.readouterr().err
+
+
 def test_speed_augmentation_resamples_windows():
     line = moving_clip(1) + np.arange(60)[:, None, None] * np.array([10.0, 0.0, 0.0])
     clip = Clip("train", "line", 0, line.astype(np.float32))
