@@ -65,20 +65,43 @@ def parse_variants(text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def plan(out: Path, variants: list[str], quick: bool, nproc: int) -> list[Stage]:
-    """Shards (plain and appearance-swapped), then per variant: pretrain, export and one
-    retrieval per held-out set (sharing one embedding cache)."""
+def parse_steps(text: str | None) -> tuple[int, ...]:
+    """``--steps 100,300,1000`` -> (100, 300, 1000); None or empty -> () (the recipe's)."""
+    if not text:
+        return ()
+    try:
+        steps = tuple(dict.fromkeys(int(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        steps = ()
+    if not steps or min(steps) < 1:
+        raise ValueError(f"--steps must be positive step counts like 100,300,1000, got {text!r}")
+    return tuple(sorted(steps))
+
+
+def runs(variants: list[str], budgets: tuple[int, ...] = ()) -> list[tuple[str, str, int | None]]:
+    """(row label, run folder, steps) of every pretraining: each variant at each budget
+    (``all@1000``), or at the recipe's steps without budgets."""
+    if not budgets:
+        return [(v, v.lstrip("+"), None) for v in variants]
+    return [(f"{v}@{n}", f"{v.lstrip('+')}@{n}", n) for v in variants for n in budgets]
+
+
+def plan(out: Path, variants: list[str], quick: bool, nproc: int,
+         budgets: tuple[int, ...] = ()) -> list[Stage]:  # fmt: skip
+    """Shards (plain and appearance-swapped), then per variant (and budget): pretrain, export
+    and one retrieval per held-out set (sharing one embedding cache)."""
     stages = [synth_stage(out / "shards", quick)]
     if any("appearance-swap" in VARIANTS[v] for v in variants):
         stages.append(appearance_synth_stage(out, quick))
     for variant in variants:
-        slug = variant.lstrip("+")
-        c = variant_chain(out, variant, quick, nproc)
-        stages += [_named(chain.pretrain(c), f"{slug}: pretrain"),
-                   _named(chain.export(c), f"{slug}: export")]  # fmt: skip
-        for split in HELDOUT:
-            stage = chain.retrieval(c, split, out / slug / f"retrieval-{split}", out / "cache")
-            stages.append(_named(stage, f"{slug}: retrieval on {split}"))
+        for _, slug, steps in runs([variant], budgets):
+            c = lever_chain(out, out / slug, VARIANTS[variant], quick, nproc, steps)
+            stages += [_named(chain.pretrain(c), f"{slug}: pretrain"),
+                       _named(chain.export(c), f"{slug}: export")]  # fmt: skip
+            for split in HELDOUT:
+                stage = chain.retrieval(c, split, out / slug / f"retrieval-{split}",
+                                        out / "cache")  # fmt: skip
+                stages.append(_named(stage, f"{slug}: retrieval on {split}"))
     return stages
 
 
@@ -86,31 +109,31 @@ def _named(stage: Stage, name: str) -> Stage:
     return dataclasses.replace(stage, name=name)
 
 
-def variant_chain(out: Path, variant: str, quick: bool, nproc: int) -> chain.Chain:
-    """The demo's pretraining recipe with the variant's levers (:func:`pipelines.demo.
-    lever_chain`)."""
-    return lever_chain(out, out / variant.lstrip("+"), VARIANTS[variant], quick, nproc)
-
-
 def run_ablation(out_dir: str | os.PathLike, variants: str | None = None, quick: bool = False,
-                 nproc: int = 2, dry_run: bool = False) -> int:  # fmt: skip
-    """Run (or continue) every stage, then write DIR/ablation.json, .md and .png; with
+                 nproc: int = 2, dry_run: bool = False,
+                 steps: str | None = None) -> int:  # fmt: skip
+    """Run (or continue) every stage, then write DIR/ablation.json, .md and .png (and, with
+    several ``steps`` budgets, DIR/ablation-scaling.png: the compute-scaling curve); with
     ``dry_run``, print the commands and run nothing."""
     chosen = parse_variants(variants)
+    budgets = parse_steps(steps)
     out = Path(out_dir)
-    stages = plan(out, chosen, quick, nproc)
+    stages = plan(out, chosen, quick, nproc, budgets)
     if dry_run:
         return print_plan(stages, "ablation")
     record_path = out / "ablation-run.json"
-    settings = {"quick": quick, "nproc": nproc}
+    settings = {"quick": quick, "nproc": nproc} | ({"steps": list(budgets)} if budgets else {})
     record = open_record(record_path, "an ablation run", settings)
     code = run_stages(stages, "ablation", record, record_path)
     if code:
         return code
     commands = {s.name: s.command for s in stages}
-    results = summarize(out, chosen, commands, settings)
+    results = summarize(out, chosen, commands, settings, budgets)
     text = markdown(results)
-    write_stage(out, "ablation", results, text, {"ablation": plot(results)})
+    figures = {"ablation": plot(results)}
+    if len(budgets) > 1:
+        figures["ablation-scaling"] = plot_scaling(results)
+    write_stage(out, "ablation", results, text, figures)
     write_report([out], out)  # OUT/report.html: every table, curve and picture, one page
     print(text)
     return 0
@@ -123,28 +146,32 @@ def _row(r: dict, chance: float, oracle: float) -> dict:
             "probe_mpjpe": r.get("probe", {}).get("mpjpe")}  # fmt: skip
 
 
-def summarize(out: Path, variants: list[str], commands: dict, settings: dict) -> dict:
-    """Per held-out set: the reference rows (from the first variant's run; random-init's input
-    follows the background-mask setting, so a variant with the other setting adds its own
-    random-init row) and every variant's model row."""
+def summarize(out: Path, variants: list[str], commands: dict, settings: dict,
+              budgets: tuple[int, ...] = ()) -> dict:  # fmt: skip
+    """Per held-out set: the reference rows (from the first run; random-init's input follows
+    the background-mask setting, so a variant with the other setting adds its own random-init
+    row) and every run's model row (``variant@steps`` with budgets)."""
+    rows = runs(variants, budgets)
+    labels = [label for label, _, _ in rows]
     heldout = {}
     for split in HELDOUT:
-        runs = {v: json.loads((out / v.lstrip("+") / f"retrieval-{split}" / "retrieval.json")
-                              .read_text()) for v in variants}  # fmt: skip
-        first = runs[variants[0]]
+        done = {label: json.loads((out / slug / f"retrieval-{split}" / "retrieval.json")
+                                  .read_text()) for label, slug, _ in rows}  # fmt: skip
+        first = done[labels[0]]
         chance = first["rows"]["chance"]["mpjpe"]["top1"]
         oracle = first["rows"]["oracle"]["mpjpe"]["top1"]
         manifest = json.loads((out / "shards" / split / "manifest.json").read_text())
         reference = {name: _row(first["rows"][name], chance, oracle) for name in REFERENCE_ROWS}
-        masked = [v for v in variants if "background-mask" in VARIANTS[v]]
-        if masked and masked[0] != variants[0]:  # random-init sees masked frames there
+        masked = [label for label in labels if "background-mask" in VARIANTS[_variant(label)]]
+        if masked and masked[0] != labels[0]:  # random-init sees masked frames there
             reference["random-init, background mask"] = _row(
-                runs[masked[0]]["rows"]["random-init"], chance, oracle)
+                done[masked[0]]["rows"]["random-init"], chance, oracle)
         heldout[split] = {
             "clips": list(manifest["source"]["clips"]),
             "probe_mean_pose_mpjpe": first["protocol"]["probe_mean_pose_mpjpe"],
             "reference": reference,
-            "variants": {v: _row(runs[v]["rows"]["model"], chance, oracle) for v in variants},
+            "variants": {label: _row(done[label]["rows"]["model"], chance, oracle)
+                         for label in labels},  # fmt: skip
         }  # fmt: skip
     return {
         "protocol": {
@@ -155,11 +182,17 @@ def summarize(out: Path, variants: list[str], commands: dict, settings: dict) ->
         },
         "settings": settings,
         "levers": {v: list(VARIANTS[v]) for v in variants},
+        "steps": {label: steps for label, _, steps in rows},
         "heldout": heldout,
-        "commands": {v: [commands[f"{v.lstrip('+')}: {step}"]
-                         for step in ("pretrain", "export", "retrieval on val",
-                                      "retrieval on test")] for v in variants},
+        "commands": {label: [commands[f"{slug}: {step}"]
+                             for step in ("pretrain", "export", "retrieval on val",
+                                          "retrieval on test")] for label, slug, _ in rows},
     }  # fmt: skip
+
+
+def _variant(label: str) -> str:
+    """The variant of a row label (``all@1000`` -> ``all``)."""
+    return label.split("@", 1)[0]
 
 
 def markdown(results: dict) -> str:
@@ -203,5 +236,36 @@ def plot(results: dict):
     ax.set_xlabel("share of the chance -> oracle gap closed by top-1 retrieval (%)\n"
                   "dashed: raw pixels 16x16, dotted: random-init (same colour: same held-out set)")
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_scaling(results: dict):
+    """Gap closed and linear-probe MPJPE against pretraining steps, per held-out set and
+    variant, beside the raw-pixel level: does more compute keep helping?"""
+    plt = pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    colours = ("tab:blue", "tab:orange", "tab:green")
+    for i, (split, h) in enumerate(results["heldout"].items()):
+        by_variant: dict[str, list] = {}
+        for label, r in h["variants"].items():
+            by_variant.setdefault(_variant(label), []).append((results["steps"][label], r))
+        for variant, points in by_variant.items():
+            points.sort(key=lambda p: p[0])
+            steps = [p[0] for p in points]
+            name = f"{split}: {variant}"
+            ax.plot(steps, [100 * p[1]["gap_closed"] for p in points], marker="o", label=name,
+                    color=colours[i % 3])  # fmt: skip
+            bx.plot(steps, [p[1]["probe_mpjpe"] for p in points], marker="o", label=name,
+                    color=colours[i % 3])  # fmt: skip
+        pixels = h["reference"]["raw pixels 16x16"]
+        ax.axhline(100 * pixels["gap_closed"], color=colours[i % 3], linestyle="--", lw=1)
+        bx.axhline(pixels["probe_mpjpe"], color=colours[i % 3], linestyle="--", lw=1)
+        bx.axhline(h["probe_mean_pose_mpjpe"], color=colours[i % 3], linestyle=":", lw=1)
+    ax.set(xscale="log", xlabel="pretraining steps", ylabel="gap closed by top-1 retrieval (%)",
+           title="retrieval (dashed: raw pixels)")  # fmt: skip
+    bx.set(xscale="log", xlabel="pretraining steps", ylabel="linear probe MPJPE (mm)",
+           title="linear probe (dashed: raw pixels, dotted: mean pose)")  # fmt: skip
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -20,6 +20,9 @@ def register(stages: argparse._SubParsersAction) -> None:
                    help="baseline, +background-mask, +augment, +appearance-swap, +span-mask, "
                    "+same-window-negatives, all, all+same-window-negatives (default: every "
                    "one)")  # fmt: skip
+    p.add_argument("--steps", default=None, metavar="N,N,...",
+                   help="pretraining budgets: every variant at each (a compute-scaling curve; "
+                   "default: the recipe's steps)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a sliver of the data, a few minutes")
     p.add_argument("--nproc-per-node", type=int, default=2, help="pretraining processes")
     p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
@@ -36,4 +39,4 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     from pipelines.ablation import run_ablation
 
     return run_ablation(args.out, args.variants, quick=args.quick, nproc=args.nproc_per_node,
-                        dry_run=args.dry_run)
+                        dry_run=args.dry_run, steps=args.steps)

@@ -67,13 +67,16 @@ def pretrain_recipe(quick: bool) -> tuple[str, int]:
 
 
 def lever_chain(out: Path, run_out: Path, levers: tuple[str, ...], quick: bool, nproc: int,
-                **fields) -> chain.Chain:  # fmt: skip
-    """The demo's recipe with exactly these levers on, evaluated on OUT/shards; with
-    appearance-swap it pretrains on OUT/shards-app and draws 4 of their 8 views (as many
-    frames per step as without it)."""
-    recipe, steps = pretrain_recipe(quick)
+                steps: int | None = None, **fields) -> chain.Chain:  # fmt: skip
+    """The demo's recipe with exactly these levers on (for ``steps`` steps: None, the
+    recipe's), evaluated on OUT/shards; with appearance-swap it pretrains on OUT/shards-app
+    and draws 4 of their 8 views (as many frames per step as without it)."""
+    recipe, recipe_steps = pretrain_recipe(quick)
     swap = "appearance-swap" in levers
     sets = ("data.views=4",) if swap and not quick else ()
+    if steps is not None and steps != recipe_steps:
+        sets += (f"train.max_steps={steps}",)
+    steps = steps or recipe_steps
     return chain.Chain(out / "shards", run_out, recipe=recipe,
                        levers=",".join(levers) or "none", pretrain_sets=sets, max_steps=steps,
                        nproc=nproc, train_split=out / ("shards-app" if swap else "shards")

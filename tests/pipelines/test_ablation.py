@@ -87,3 +87,52 @@ def test_quick_variant_end_to_end_and_rerun(tmp_path, capsys):
     assert capsys.readouterr().out.count("done already") == 5
     with pytest.raises(ValueError, match="other settings"):
         ablation.run_ablation(out, "baseline", quick=False, nproc=1)
+
+
+def test_steps_budgets_give_one_run_per_variant_and_budget(tmp_path):
+    stages = {s.name: s for s in ablation.plan(tmp_path, ["all"], False, 2, (100, 1000))}
+    for n in (100, 1000):
+        cfg = _config(stages[f"all@{n}: pretrain"])
+        assert cfg.train.max_steps == n and cfg.data.views == 4
+        done = tmp_path / f"all@{n}" / "pretrain" / "checkpoints" / f"step_{n}"
+        assert stages[f"all@{n}: pretrain"].done == done
+    assert "all: pretrain" not in stages
+    recipe_steps = _config(next(iter(ablation.plan(tmp_path, ["all"], False, 2)[2:3]))).train
+    same = _config(ablation.plan(tmp_path, ["all"], False, 2, (recipe_steps.max_steps,))[2])
+    assert same.train == recipe_steps  # the recipe's own budget adds no override
+    assert ablation.parse_steps("1000,100,100") == (100, 1000) and ablation.parse_steps("") == ()
+    for bad in ("0,100", "ten", ","):
+        with pytest.raises(ValueError, match="--steps must be positive step counts"):
+            ablation.parse_steps(bad)
+
+
+def test_scaling_plot_and_table_from_budget_runs(tmp_path):
+    """summarize + markdown + plot_scaling over fake retrieval results of two budgets."""
+    budgets = (100, 300)
+
+    def retrieval(model: float) -> dict:
+        row = {"mpjpe": {"top1": model}, "p_mpjpe": {"top1": model / 2},
+               "probe": {"mpjpe": model - 100}}  # fmt: skip
+        ref = {"mpjpe": {"top1": 0.0}, "p_mpjpe": {"top1": 0.0}}
+        rows = {"model": row, "random-init": row, "raw pixels 16x16": row,
+                "oracle": ref | {"mpjpe": {"top1": 200.0}},
+                "chance": ref | {"mpjpe": {"top1": 500.0}}}  # fmt: skip
+        return {"rows": rows, "protocol": {"probe_mean_pose_mpjpe": 340.0}}
+
+    for split in ablation.HELDOUT:
+        (tmp_path / "shards" / split).mkdir(parents=True)
+        (tmp_path / "shards" / split / "manifest.json").write_text(
+            json.dumps({"source": {"clips": [f"{split}-clip"]}}))
+        for n, model in zip(budgets, (450.0, 380.0), strict=True):
+            d = tmp_path / f"all@{n}" / f"retrieval-{split}"
+            d.mkdir(parents=True)
+            (d / "retrieval.json").write_text(json.dumps(retrieval(model)))
+    stages = ablation.plan(tmp_path, ["all"], False, 2, budgets)
+    results = ablation.summarize(tmp_path, ["all"], {s.name: s.command for s in stages},
+                                 {"quick": False, "steps": list(budgets)}, budgets)  # fmt: skip
+    assert results["steps"] == {"all@100": 100, "all@300": 300}
+    val = results["heldout"]["val"]["variants"]
+    assert val["all@300"]["gap_closed"] == pytest.approx(0.4)
+    assert "| all@300 | 380.0 |" in ablation.markdown(results)
+    fig = ablation.plot_scaling(results)
+    assert [len(line.get_xdata()) for line in fig.axes[0].lines[:1]] == [2]
