@@ -32,6 +32,13 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(n) for n in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.8,1.25, got {text!r}") from None
+
+
 def _add_writer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output root; splits go to OUT/<split>/")
     p.add_argument("--shard-samples", type=_positive_int, default=64, help="samples per shard")
@@ -89,6 +96,12 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--appearances-per-sample", type=_positive_int, default=1,
                    help="appearances of the same instants inside a sample, as extra views "
                    "(positives across appearance)")  # fmt: skip
+    p.add_argument("--mirror", action="store_true",
+                   help="train split: add a mirrored copy of every clip (CLIP~mirror: the motion "
+                   "reflected, left and right swapped; val/test stay as they are)")  # fmt: skip
+    p.add_argument("--speeds", type=_numbers, default=(), metavar="S,S,...",
+                   help="train split: add a time-warped copy of every clip per playback speed, "
+                   "e.g. 0.8,1.25 (CLIP~x0.8: 1/0.8 as many frames)")  # fmt: skip
     p.add_argument("--val-clips", type=_names, default=None, help="held-out validation clips")
     p.add_argument("--test-clips", type=_names, default=None, help="held-out test clips")
     p.add_argument("--seed", type=int, default=0)
@@ -173,7 +186,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     config, writer = _configs(args, synth.SynthConfig(
         views=args.views, frames=args.frames, stride=args.stride, size=args.size, fps=args.fps,
         seed=args.seed, appearances_per_window=args.appearances,
-        appearances_per_sample=args.appearances_per_sample, jpeg_quality=args.jpeg_quality))
+        appearances_per_sample=args.appearances_per_sample, jpeg_quality=args.jpeg_quality,
+        mirror=args.mirror, speeds=args.speeds))
     manifests = synth.build_splits(args.out, config, writer, splits=table, workers=args.workers,
                                    progress=sys.stderr.isatty())  # fmt: skip
     _report(manifests)
@@ -181,8 +195,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _report(manifests: dict) -> None:
+    from data_shards.augment import summary
+
     for split, m in manifests.items():
         print(f"{split}: {m.samples} windows in {len(m.shards)} shards")
+        if line := summary(m):
+            print(line)
 
 
 def cmd_video(args: argparse.Namespace) -> int:

@@ -285,20 +285,31 @@ def interpolate(clip: MotionClip, times: np.ndarray) -> MotionClip:
     )
 
 
-def resample(clip: MotionClip, fps: float = 50.0) -> MotionClip:
+def resample(clip: MotionClip, fps: float = 50.0, speed: float = 1.0) -> MotionClip:
     """The clip at ``fps`` poses per second, starting at its first keyframe.
 
     A looping ("wrap") clip's last keyframe is the first pose of its next cycle, so it is left
     out (times < duration); a non-looping clip keeps its end (times <= duration). All 15 clips
     give 1,684 poses at 50 fps and 1,010 at 30 fps.
+
+    ``speed`` plays the motion that many times faster (a time warp): pose k is the clip's pose
+    at ``k * speed / fps`` s, interpolated from the keyframes (slerp, see :func:`interpolate`),
+    so the result has about 1 / ``speed`` as many poses, starts with the same first pose and its
+    times are ``k / fps``. ``speed=1`` is plain resampling.
     """
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
+    if not 0 < speed < np.inf:
+        raise ValueError(f"speed must be positive and finite, got {speed}")
     eps = 1e-9
     end = clip.duration - eps if clip.loop else clip.duration + eps
-    count = int(np.floor(end * fps)) + 1
+    count = int(np.floor(end * fps / speed)) + 1
     times = np.arange(count) / fps
-    return replace(interpolate(clip, times), fps=float(fps))
+    if speed == 1.0:
+        return replace(interpolate(clip, times), fps=float(fps))
+    # k * speed / fps may round past the end of a non-looping clip: keep it inside
+    source = np.minimum(times * speed, clip.times[-1])
+    return replace(interpolate(clip, source), times=times, fps=float(fps))
 
 
 def subclip(clip: MotionClip, start: int, stop: int) -> MotionClip:
@@ -311,6 +322,42 @@ def subclip(clip: MotionClip, start: int, stop: int) -> MotionClip:
     return replace(
         clip, times=clip.times[s], root_pos=clip.root_pos[s], root_rot=clip.root_rot[s],
         spherical=clip.spherical[s], revolute=clip.revolute[s],
+    )  # fmt: skip
+
+
+MIRROR_MOCAP = np.diag([1.0, 1.0, -1.0])
+"""The reflection of :func:`mirror` in the mocap frame: across the plane z = 0, the character's
+sagittal plane at identity root rotation. In the world frame it is y -> -y."""
+
+
+def _other_side(joint: str) -> str:
+    """'right_hip' <-> 'left_hip'; a joint on the midline is its own mirror image."""
+    for a, b in (("right_", "left_"), ("left_", "right_")):
+        if joint.startswith(a):
+            return b + joint[len(a) :]
+    return joint
+
+
+def mirror(clip: MotionClip) -> MotionClip:
+    """The clip's motion reflected across :data:`MIRROR_MOCAP`, performed by the same character.
+
+    Reflecting alone would give a mirror-image body (its left arm drawn where a right arm
+    belongs); the left and right joint rotations are exchanged as well, so the result is a valid
+    body doing the mirrored motion. The character is left/right symmetric (every left offset and
+    shape is the reflection of the right one), hence ``joints3d(mirror(c))`` is ``joints3d(c)``
+    with world y negated and joints permuted by :func:`data_shards.skeleton.flip_permutation`.
+
+    A rotation R becomes M R M (M the reflection): for a (w, x, y, z) quaternion that is
+    (w, -x, -y, z). Knees and elbows turn about their local z axis, which M R M keeps, so their
+    angles only change sides. Reflection is linear in the quaternions and keeps their dot
+    products, so it commutes with :func:`interpolate`.
+    """
+    flip = np.array([1.0, -1.0, -1.0, 1.0])  # (w, x, y, z) of M R M
+    spherical = [SPHERICAL_JOINTS.index(_other_side(j)) for j in SPHERICAL_JOINTS]
+    revolute = [REVOLUTE_JOINTS.index(_other_side(j)) for j in REVOLUTE_JOINTS]
+    return replace(
+        clip, root_pos=clip.root_pos @ MIRROR_MOCAP, root_rot=clip.root_rot * flip,
+        spherical=clip.spherical[:, spherical] * flip, revolute=clip.revolute[:, revolute],
     )  # fmt: skip
 
 

@@ -7,7 +7,9 @@ JPEGs, masks, 3D/2D joints and per-frame crop cameras. Every random choice is dr
 ``SynthConfig.seed`` and the window's identity (clip, start frame, appearance index), never from
 the order of work, so the samples are identical for any number of worker processes.
 
-Splits are by clip (action), never by frame: :data:`SPLITS`.
+Splits are by clip (action), never by frame: :data:`SPLITS`. Motion augmentation (mirrored and
+time-warped copies, :mod:`data_shards.augment`) is added to the train split only, so held-out
+evaluation never changes with it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data_shards import mocap, schema
+from data_shards import augment, mocap, schema
 from data_shards.appearance import Appearance, AppearanceConfig, background_crops, draw_appearance
 from data_shards.camera import Camera, person_box, ring_rig
 from data_shards.render import BodyRenderer, composite
@@ -64,7 +66,10 @@ class SynthConfig:
     """Appearances each window is rendered in, as separate samples."""
     appearances_per_sample: int = 1
     """Appearances of the same instants inside one sample, as extra views: a sample then has
-    ``views * appearances_per_sample`` views, camera-minor (positives across appearance)."""
+    ``views * appearances_per_sample`` views, camera-minor (positives across appearance). Each
+    appearance has its own body shape (part thickness and head size, ``appearance.thickness``,
+    ``appearance.head_size``) but all share the window's body height, which moves the joints:
+    every view of an instant shows one 3D pose."""
     crop_margin: float = 0.2
     """Crop box margin around the projected joints, fraction of their extent on every side."""
     jpeg_quality: int = 90
@@ -73,6 +78,12 @@ class SynthConfig:
     rig_radius_mm: float = 4500.0
     rig_height_mm: float = 1600.0
     appearance: AppearanceConfig = field(default_factory=AppearanceConfig)
+    mirror: bool = False
+    """Add a mirrored copy of every train clip (``CLIP~mirror``): the motion reflected across
+    the world plane y = 0 with left and right exchanged, a real body (:func:`mocap.mirror`)."""
+    speeds: tuple[float, ...] = ()
+    """Playback speeds of extra time-warped copies of every train clip (``CLIP~x0.8``), each in
+    [0.1, 10] and not 1; resampled from the keyframes with slerp (:func:`mocap.resample`)."""
 
     def __post_init__(self) -> None:
         positive = ("views", "frames", "size", "appearances_per_window", "appearances_per_sample")
@@ -90,14 +101,29 @@ class SynthConfig:
         lo, hi = self.height_scale
         if not 0 < lo <= hi:
             raise ValueError(f"SynthConfig.height_scale: need 0 < low <= high, got {lo, hi}")
+        if not isinstance(self.mirror, bool):
+            raise ValueError(f"SynthConfig.mirror must be true or false, got {self.mirror!r}")
+        object.__setattr__(
+            self, "speeds", augment.checked_speeds(self.speeds, "SynthConfig.speeds")
+        )
 
     @property
     def window_stride(self) -> int:
         return self.stride if self.stride is not None else max(1, self.frames // 2)
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (for manifests)."""
-        return asdict(self)
+        """Plain JSON-able dict (for manifests). The augmentation fields appear only when set:
+        a manifest written without augmentation reads as it did before they existed."""
+        d = asdict(self)
+        for name in ("mirror", "speeds"):
+            if not d[name]:
+                del d[name]
+        return d
+
+
+def augmented_clips(clips: Sequence[str], config: SynthConfig) -> tuple[str, ...]:
+    """``clips`` with the augmented copies ``config`` asks for: the clips of a train split."""
+    return augment.with_copies(clips, config.mirror, config.speeds)
 
 
 @dataclass(frozen=True)
@@ -119,8 +145,9 @@ class Job:
 
 @functools.cache
 def motion(clip: str, fps: float) -> mocap.MotionClip:
-    """Clip ``clip`` resampled to ``fps`` (cached per process)."""
-    return mocap.resample(mocap.load_clip(clip), fps)
+    """Clip ``clip`` (or an augmented copy, :class:`~data_shards.augment.ClipVariant`)
+    resampled to ``fps`` (cached per process)."""
+    return augment.ClipVariant.parse(clip).motion(fps)
 
 
 def window_starts(num_frames: int, length: int, stride: int) -> list[int]:
@@ -189,10 +216,11 @@ def crop_boxes(cams: Sequence[Camera], joints: np.ndarray, margin: float) -> np.
 
 def render_job(renderer: BodyRenderer, job: Job, config: SynthConfig) -> schema.Sample:
     """Render one :class:`Job` into a complete :class:`~data_shards.schema.Sample`."""
-    clip_id = mocap.CLIP_NAMES.index(job.clip)
+    variant = augment.ClipVariant.parse(job.clip)
+    clip_id, copy_ids = mocap.CLIP_NAMES.index(variant.base), variant.rng_ids()
     T, C, S = config.frames, config.views, config.size
     window = mocap.subclip(motion(job.clip, config.fps), job.start, job.start + T)
-    height = float(_rng(config, 1, clip_id, job.start).uniform(*config.height_scale))
+    height = float(_rng(config, 1, clip_id, job.start, *copy_ids).uniform(*config.height_scale))
     joints = mocap.joints3d(window, height)  # (T, J, 3) mm
     cams = clip_rig(job.clip, config)
     boxes = crop_boxes(cams, joints, config.crop_margin)  # (C, T, 4)
@@ -207,7 +235,8 @@ def render_job(renderer: BodyRenderer, job: Job, config: SynthConfig) -> schema.
     )
     looks = []
     for k, a in enumerate(job.appearances):
-        look = draw_appearance(_rng(config, 2, clip_id, job.start, a), C, config.appearance)
+        rng = _rng(config, 2, clip_id, job.start, a, *copy_ids)
+        look = draw_appearance(rng, C, config.appearance)
         looks.append(look.to_json())
         renderer.set_appearance(look, height)
         _render_views(renderer, window, look, crops, boxes, out, k * C, config)
@@ -217,14 +246,17 @@ def render_job(renderer: BodyRenderer, job: Job, config: SynthConfig) -> schema.
         for t in range(T):
             out.K[v, t] = crops[v % C][t].K
             out.pose2d[v, t] = crops[v % C][t].project(joints[t])
+    extra = {"height_scale": height, "appearances": looks, "seed": config.seed,
+             "rig_centre_mm": list(rig_centre(job.clip, config.fps)),
+             "crop_margin": config.crop_margin, "renderer": "pybullet TinyRenderer"}  # fmt: skip
+    if variant.is_copy:  # what the copy is made of (frames count in the copy's own time)
+        extra["motion"] = {"clip": variant.base, "mirror": variant.mirror, "speed": variant.speed}
     meta = schema.Meta(
-        source=SOURCE, clip=job.clip, action=job.clip, subject="humanoid", fps=config.fps,
+        source=SOURCE, clip=job.clip, action=variant.base, subject="humanoid", fps=config.fps,
         frames=list(range(job.start, job.start + T)),
         views=[schema.View(cams[v % C].name, job.appearances[v // C]) for v in range(V)],
         image_size=(S, S), has={part: part != "det2d" for part in schema.OPTIONAL_PARTS},
-        extra={"height_scale": height, "appearances": looks, "seed": config.seed,
-               "rig_centre_mm": list(rig_centre(job.clip, config.fps)),
-               "crop_margin": config.crop_margin, "renderer": "pybullet TinyRenderer"},
+        extra=extra,
     )  # fmt: skip
     return schema.Sample(
         key=job.key, meta=meta, masks=out.masks, pose3d=joints.astype(np.float32),
@@ -310,7 +342,8 @@ def iter_samples(
     progress: bool = True,
     shuffle: bool = False,
 ) -> Iterator[schema.Sample]:
-    """Render the samples of ``clips`` (clip names, or a split name of :data:`SPLITS`).
+    """Render the samples of ``clips`` (clip or augmented-copy names, or a split name of
+    :data:`SPLITS`; the "train" split with its augmented copies, :func:`augmented_clips`).
 
     Yields :class:`~data_shards.schema.Sample` objects with encoded JPEGs, in the
     deterministic order of :func:`plan_jobs` (permuted by ``config.seed`` with ``shuffle``, so
@@ -325,10 +358,10 @@ def iter_samples(
     if isinstance(clips, str):
         if clips not in SPLITS:
             raise ValueError(f"unknown split {clips!r}; expected one of {sorted(SPLITS)}")
-        clips = SPLITS[clips]
-    unknown = [c for c in clips if c not in mocap.CLIP_NAMES]
-    if unknown:
-        raise ValueError(f"unknown clips {unknown}; expected some of {mocap.CLIP_NAMES}")
+        split, clips = clips, SPLITS[clips]
+        clips = augmented_clips(clips, config) if split == "train" else clips
+    for clip in clips:
+        augment.ClipVariant.parse(clip)  # an unknown clip or tag raises here, before any work
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     jobs = plan_jobs(clips, config)
@@ -380,7 +413,8 @@ def build_splits(
 
     Returns {split name: manifest}. Samples are rendered in a seeded random order, so each
     shard mixes clips, and each split is written atomically by
-    :func:`data_shards.write.write_split`.
+    :func:`data_shards.write.write_split`. The "train" split also gets the augmented copies of
+    its clips (:func:`augmented_clips`), listed in its manifest's ``source["augmentation"]``.
     """
     from data_shards.write import write_split  # imports webdataset (and torch): only when used
 
@@ -389,6 +423,13 @@ def build_splits(
     manifests = {}
     for name, clips in (splits or SPLITS).items():
         source = {"source": SOURCE, "clips": list(clips), "data": "pybullet==3.2.7 DeepMimic"}
-        samples = iter_samples(clips, config, workers=workers, progress=progress, shuffle=True)
+        rendered = augmented_clips(clips, config) if name == "train" else tuple(clips)
+        copies = [c for c in rendered if c not in clips]
+        if copies:
+            source["augmentation"] = {
+                "mirror": config.mirror, "speeds": list(config.speeds), "clips": copies,
+                "windows": len(plan_jobs(copies, config)),
+            }  # fmt: skip
+        samples = iter_samples(rendered, config, workers=workers, progress=progress, shuffle=True)
         manifests[name] = write_split(out_dir, name, samples, source, generator, writer_config)
     return manifests

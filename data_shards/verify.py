@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_shards import augment
 from data_shards.detect_shards import detection_summary
 from data_shards.manifest import Manifest, ManifestError, ShardInfo, find_splits, sha256_file
 from data_shards.schema import SampleError, decode_sample
@@ -135,6 +136,7 @@ def stats_table(root: str | os.PathLike) -> str:
         )
     lines.append(f"{'total':<{width}} " + " ".join(f"{splits[n].samples:>8}" for n in names))
     lines += [line for m in splits.values() if (line := detection_summary(m))]
+    lines += [line for m in splits.values() if (line := augment.summary(m))]
     for name, m in splits.items():  # videos ingested with --detect
         for file, c in (m.source or {}).get("detection", {}).items():
             seen = c.get("detected", 0) + c.get("lost", 0)
