@@ -42,27 +42,45 @@ HELDOUT = ("val", "test")
 LEVERS = tuple(RECIPE_LEVERS)
 """The levers against appearance shortcuts (:data:`pretrain.recipes.LEVERS`)."""
 
+APPEARANCE_LEVERS = (*BEST_LEVERS, "same-window-negatives")
+"""The levers against appearance shortcuts."""
+
 VARIANTS: dict[str, tuple[str, ...]] = {
     "baseline": (),
-    **{f"+{lever}": (lever,) for lever in LEVERS},
+    **{f"+{lever}": (lever,) for lever in APPEARANCE_LEVERS},
     "all": BEST_LEVERS,
     "all+same-window-negatives": (*BEST_LEVERS, "same-window-negatives"),
+    # the seed's comparison: negatives x background mask, and the quantizer
+    "gt_pose": (),
+    "gt_pose+mask": ("background-mask",),
+    "uniform": ("uniform-negatives",),
+    "uniform+mask": ("uniform-negatives", "background-mask"),
+    "cosine": ("cosine-negatives",),
+    "cosine+mask": ("cosine-negatives", "background-mask"),
+    "gt_pose+mask+quantizer": ("background-mask", "quantizer"),
 }
-"""Variant name -> the levers it switches on (``all``: the four against appearance, the
-demo's pretraining)."""
+"""Variant name -> the switches it turns on (:data:`pretrain.recipes.LEVERS`; ``all``: the
+four against appearance, the demo's pretraining)."""
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "levers": ("baseline", *(f"+{lever}" for lever in APPEARANCE_LEVERS), "all",
+               "all+same-window-negatives"),
+    "comparison": ("gt_pose", "gt_pose+mask", "uniform", "uniform+mask", "cosine",
+                   "cosine+mask", "gt_pose+mask+quantizer"),
+}  # fmt: skip
+"""``--variants`` names that stand for several variants (the default: ``levers``)."""
 
 REFERENCE_ROWS = ("random-init", "raw pixels 16x16", "oracle", "chance")
 
 
 def parse_variants(text: str | None) -> list[str]:
-    if not text:
-        return list(VARIANTS)
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
+    """``--variants``: names of :data:`VARIANTS` or :data:`GROUPS`, in order, once each."""
+    names = [v.strip() for v in (text or "levers").split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS and v not in GROUPS]
     if unknown or not names:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown) or text!r}; "
-                         f"choose from {', '.join(VARIANTS)}")  # fmt: skip
-    return list(dict.fromkeys(names))
+        raise ValueError(f"unknown variant(s) {', '.join(unknown) or text!r}; choose from "
+                         f"{', '.join([*GROUPS, *VARIANTS])}")  # fmt: skip
+    return list(dict.fromkeys(v for n in names for v in GROUPS.get(n, (n,))))
 
 
 def parse_steps(text: str | None) -> tuple[int, ...]:

@@ -17,9 +17,10 @@ def register(stages: argparse._SubParsersAction) -> None:
                           "retrieval on two held-out clip sets")  # fmt: skip
     p.add_argument("--out", required=True, help="output directory (re-running it continues)")
     p.add_argument("--variants", default=None, metavar="V,V,...",
-                   help="baseline, +background-mask, +augment, +appearance-swap, +span-mask, "
-                   "+same-window-negatives, all, all+same-window-negatives (default: every "
-                   "one)")  # fmt: skip
+                   help="variants or groups: levers (the default: baseline, each lever "
+                   "against appearance, all, all+same-window-negatives), comparison (negatives "
+                   "uniform / gt_pose / cosine x background mask, and the quantizer), or any "
+                   "variant by name")  # fmt: skip
     p.add_argument("--steps", default=None, metavar="N,N,...",
                    help="pretraining budgets: every variant at each (a compute-scaling curve; "
                    "default: the recipe's steps)")  # fmt: skip

@@ -16,6 +16,7 @@ from pretrain.engine.loop import TrainConfig
 from pretrain.engine.schedules import LRSchedule
 from pretrain.model import BackboneConfig, EncoderConfig, MaskConfig, PoseBERTConfig
 from pretrain.model.augment import ColorAugmentConfig
+from pretrain.model.quantizer import QuantizerConfig
 from pretrain.objectives import ContrastiveConfig, NegativeConfig
 
 replace = dataclasses.replace
@@ -128,15 +129,43 @@ def _lever_same_window_negatives(cfg: RunConfig, on: bool) -> RunConfig:
     return replace(cfg, objective=replace(cfg.objective, negatives=negatives))
 
 
+def _negatives_kind(kind: str) -> Callable[[RunConfig, bool], RunConfig]:
+    """A switch to ``kind`` negatives (off: the recipe's kind, untouched)."""
+
+    def switch(cfg: RunConfig, on: bool) -> RunConfig:
+        if not on:
+            return cfg
+        negatives = replace(cfg.objective.negatives, kind=kind)
+        return replace(cfg, objective=replace(cfg.objective, negatives=negatives))
+
+    return switch
+
+
+CPU_QUANTIZER = QuantizerConfig(enabled=True, groups=2, entries=320, dim=64,
+                                temperature=(2.0, 0.5, 0.995))  # fmt: skip
+"""The ``quantizer`` switch: wav2vec 2.0's product quantizer (2 codebooks of 320 entries), its
+Gumbel temperature decayed from 2 to 0.5 over about 280 steps (the CPU runs' length) instead
+of wav2vec's 400k."""
+
+
+def _switch_quantizer(cfg: RunConfig, on: bool) -> RunConfig:
+    return replace(cfg, model=replace(cfg.model, quantizer=CPU_QUANTIZER if on else
+                                      QuantizerConfig()))  # fmt: skip
+
+
 LEVERS: dict[str, Callable[[RunConfig, bool], RunConfig]] = {
     "background-mask": _lever_background_mask,
     "augment": _lever_augment,
     "appearance-swap": _lever_appearance_swap,
     "span-mask": _lever_span_mask,
     "same-window-negatives": _lever_same_window_negatives,
+    "uniform-negatives": _negatives_kind("uniform"),
+    "cosine-negatives": _negatives_kind("cosine"),
+    "quantizer": _switch_quantizer,
 }
-"""The levers against appearance shortcuts (GUIDE 6, docs/results.md "Ablation"): name ->
-``(config, on) -> config``."""
+"""Switches of ``posebert pretrain --levers`` and the ablation: the levers against appearance
+shortcuts (GUIDE 6, docs/results.md "Ablation"), the negatives' kind and the product
+quantizer. Name -> ``(config, on) -> config``."""
 
 
 BEST_LEVERS = ("background-mask", "augment", "appearance-swap", "span-mask")

@@ -60,7 +60,7 @@ def test_appearance_shards_only_when_a_variant_needs_them(tmp_path):
 
 
 def test_unknown_variant_is_one_line():
-    with pytest.raises(ValueError, match="unknown variant.*'nope'.*choose from baseline"):
+    with pytest.raises(ValueError, match="unknown variant.*'nope'.*choose from levers, compar"):
         ablation.parse_variants("baseline,nope")
     assert ablation.parse_variants("all,all,baseline") == ["all", "baseline"]
 
@@ -136,3 +136,23 @@ def test_scaling_plot_and_table_from_budget_runs(tmp_path):
     assert "| all@300 | 380.0 |" in ablation.markdown(results)
     fig = ablation.plot_scaling(results)
     assert [len(line.get_xdata()) for line in fig.axes[0].lines[:1]] == [2]
+
+
+def test_comparison_group_is_negatives_by_mask_and_the_quantizer(tmp_path):
+    chosen = ablation.parse_variants("comparison")
+    assert chosen == list(ablation.GROUPS["comparison"])
+    assert ablation.parse_variants(None) == list(ablation.GROUPS["levers"])
+    assert ablation.parse_variants("all,levers")[0] == "all"  # once each, in order
+    stages = {s.name: s for s in ablation.plan(tmp_path, chosen, False, 2)}
+    seen = set()
+    for variant in chosen:
+        cfg = _config(stages[f"{variant}: pretrain"])
+        kind = variant.split("+")[0]
+        assert cfg.objective.negatives.kind == kind
+        assert cfg.model.backbone.background_mask == ("+mask" in variant)
+        assert cfg.model.quantizer.enabled == variant.endswith("quantizer")
+        assert not cfg.model.augment.enabled and cfg.model.mask.span == 1
+        seen.add((kind, cfg.model.backbone.background_mask, cfg.model.quantizer.enabled))
+    assert len(seen) == 7
+    q = _config(stages["gt_pose+mask+quantizer: pretrain"]).model
+    assert q.quantizer.dim == 64 and q.quantizer.entries == 320
