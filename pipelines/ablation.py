@@ -11,10 +11,13 @@ sees; choose them with ``shards synth --val-clips/--test-clips``):
   the multi-view positives include the same instant in other clothing and background;
 - ``span-mask``: masking runs of 3 consecutive frames instead of single frames;
 - ``same-window-negatives``: half the distractors from the anchor's own window (the same
-  clothing and background, other poses beyond the threshold).
+  clothing and background, other poses beyond the threshold);
+- ``motion-augment`` (not against appearance: more motion): shards with mirrored and 0.8x /
+  1.25x time-warped copies of the train clips.
 
 The baseline has every lever off; each lever is then added alone; ``all`` has the first four
-on (the demo's pretraining), ``all+same-window-negatives`` the five. Like
+on (the demo's pretraining), ``all+same-window-negatives`` and ``all+motion-augment`` add one
+more. Like
 ``posebert demo``, every step is the printed ``posebert`` command, skipped when its output
 exists, so running the ablation again continues. DIR/ablation.json, DIR/ablation.md (one table
 per held-out set, with the command of every row) and DIR/ablation.png (the share of the
@@ -31,7 +34,7 @@ from pathlib import Path
 from finetune.report import gap_closed, md_table, pyplot, write_stage
 from finetune.report.cli import write_report
 from pipelines import chain
-from pipelines.demo import appearance_synth_stage, lever_chain, pretrain_recipe, synth_stage
+from pipelines.demo import lever_chain, pretrain_recipe, synth_stage, train_synth_stage
 from pipelines.stages import Stage, open_record, print_plan, run_stages
 from pretrain.recipes import BEST_LEVERS
 from pretrain.recipes import LEVERS as RECIPE_LEVERS
@@ -50,6 +53,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     **{f"+{lever}": (lever,) for lever in APPEARANCE_LEVERS},
     "all": BEST_LEVERS,
     "all+same-window-negatives": (*BEST_LEVERS, "same-window-negatives"),
+    "+motion-augment": ("motion-augment",),
+    "all+motion-augment": (*BEST_LEVERS, "motion-augment"),
     # the seed's comparison: negatives x background mask, and the quantizer
     "gt_pose": (),
     "gt_pose+mask": ("background-mask",),
@@ -64,7 +69,7 @@ four against appearance, the demo's pretraining)."""
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "levers": ("baseline", *(f"+{lever}" for lever in APPEARANCE_LEVERS), "all",
-               "all+same-window-negatives"),
+               "all+same-window-negatives", "+motion-augment", "all+motion-augment"),
     "comparison": ("gt_pose", "gt_pose+mask", "uniform", "uniform+mask", "cosine",
                    "cosine+mask", "gt_pose+mask+quantizer"),
 }  # fmt: skip
@@ -109,8 +114,8 @@ def plan(out: Path, variants: list[str], quick: bool, nproc: int,
     """Shards (plain and appearance-swapped), then per variant (and budget): pretrain, export
     and one retrieval per held-out set (sharing one embedding cache)."""
     stages = [synth_stage(out / "shards", quick)]
-    if any("appearance-swap" in VARIANTS[v] for v in variants):
-        stages.append(appearance_synth_stage(out, quick))
+    synths = [train_synth_stage(out, VARIANTS[v], quick) for v in variants]
+    stages += list({s.name: s for s in synths if s is not None}.values())  # each once
     for variant in variants:
         for _, slug, steps in runs([variant], budgets):
             c = lever_chain(out, out / slug, VARIANTS[variant], quick, nproc, steps)

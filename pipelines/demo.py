@@ -51,11 +51,32 @@ def synth_stage(shards: Path, quick: bool, *extra: str, name: str = "shards") ->
     return Stage(name, args + list(QUICK_SYNTH if quick else ()), shards / "test" / "manifest.json")
 
 
-def appearance_synth_stage(out: Path, quick: bool) -> Stage:
-    """OUT/shards-app: every window in two appearances as extra views (the appearance-swap
-    lever's shards; pretraining reads their train split)."""
-    return synth_stage(out / "shards-app", quick, "--appearances-per-sample", "2",
-                       name="shards-appearance-swap")  # fmt: skip
+SHARD_LEVERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "appearance-swap": ("app", ("--appearances-per-sample", "2")),
+    "motion-augment": ("motion", ("--mirror", "--speeds", "0.8,1.25")),
+}
+"""Levers that are shards: name -> (folder tag, ``shards synth`` flags). appearance-swap
+renders every window in two appearances as extra views (positives across clothing);
+motion-augment adds mirrored and 0.8x / 1.25x time-warped copies of the train clips."""
+
+
+def train_shards(out: Path, levers: tuple[str, ...]) -> tuple[Path, tuple[str, ...]]:
+    """The shard root pretraining reads for these levers (OUT/shards, or e.g. OUT/shards-app)
+    and the synth flags that make it."""
+    on = [SHARD_LEVERS[name] for name in SHARD_LEVERS if name in levers]
+    if not on:
+        return out / "shards", ()
+    return (out / "-".join(["shards", *(tag for tag, _ in on)]),
+            tuple(flag for _, flags in on for flag in flags))  # fmt: skip
+
+
+def train_synth_stage(out: Path, levers: tuple[str, ...], quick: bool) -> Stage | None:
+    """The ``shards synth`` of :func:`train_shards` (None when the plain shards serve)."""
+    root, flags = train_shards(out, levers)
+    if not flags:
+        return None
+    names = [name for name in SHARD_LEVERS if name in levers]
+    return synth_stage(root, quick, *flags, name="shards-" + "+".join(names))
 
 
 def pretrain_recipe(quick: bool) -> tuple[str, int]:
@@ -69,8 +90,8 @@ def pretrain_recipe(quick: bool) -> tuple[str, int]:
 def lever_chain(out: Path, run_out: Path, levers: tuple[str, ...], quick: bool, nproc: int,
                 steps: int | None = None, **fields) -> chain.Chain:  # fmt: skip
     """The demo's recipe with exactly these levers on (for ``steps`` steps: None, the
-    recipe's), evaluated on OUT/shards; with appearance-swap it pretrains on OUT/shards-app
-    and draws 4 of their 8 views (as many frames per step as without it)."""
+    recipe's), evaluated on OUT/shards, pretrained on :func:`train_shards`; with
+    appearance-swap it draws 4 of the 8 views (as many frames per step as without it)."""
     recipe, recipe_steps = pretrain_recipe(quick)
     swap = "appearance-swap" in levers
     sets = ("data.views=4",) if swap and not quick else ()
@@ -79,22 +100,21 @@ def lever_chain(out: Path, run_out: Path, levers: tuple[str, ...], quick: bool, 
     steps = steps or recipe_steps
     return chain.Chain(out / "shards", run_out, recipe=recipe,
                        levers=",".join(levers) or "none", pretrain_sets=sets, max_steps=steps,
-                       nproc=nproc, train_split=out / ("shards-app" if swap else "shards")
-                       / "train", **fields)  # fmt: skip
+                       nproc=nproc, train_split=train_shards(out, levers)[0] / "train",
+                       **fields)  # fmt: skip
 
 
 def plan(out: Path, quick: bool, nproc: int, levers: tuple[str, ...] = BEST_LEVERS
          ) -> list[Stage]:  # fmt: skip
-    """Shards (and the appearance-swapped ones when that lever is on), the chain pretrained
+    """Shards (and the pretraining's own when a lever is shards), the chain pretrained
     with ``levers`` (default: the ablation's best variant), then the video chain."""
     c = lever_chain(out, out, levers, quick, nproc, pose_recipe="quick" if quick else "demo",
                     future_recipe="quick" if quick else "default")  # fmt: skip
     v = chain.VideoChain(c.shards, out, clip=VIDEO_CLIP, workers=nproc,
                          **({"video_sets": QUICK_VIDEO, "lift_sets": QUICK_LIFT} if quick
                             else {}))  # fmt: skip
-    shards = [synth_stage(c.shards, quick)]
-    if "appearance-swap" in levers:
-        shards.append(appearance_synth_stage(out, quick))
+    extra = train_synth_stage(out, levers, quick)
+    shards = [synth_stage(c.shards, quick), *([extra] if extra else [])]
     return [*shards, *chain.full(c), *chain.video(v)]
 
 

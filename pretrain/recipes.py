@@ -122,6 +122,12 @@ def _lever_appearance_swap(cfg: RunConfig, on: bool) -> RunConfig:
     return cfg
 
 
+def _lever_motion_augment(cfg: RunConfig, on: bool) -> RunConfig:
+    """The shards are the lever (``shards synth --mirror --speeds 0.8,1.25``: mirrored and
+    time-warped copies of the train clips)."""
+    return cfg
+
+
 def _lever_same_window_negatives(cfg: RunConfig, on: bool) -> RunConfig:
     """Half the distractors from the anchor's own window (same clothing, background and body,
     other poses): appearance cannot tell them from the anchor."""
@@ -159,6 +165,7 @@ LEVERS: dict[str, Callable[[RunConfig, bool], RunConfig]] = {
     "appearance-swap": _lever_appearance_swap,
     "span-mask": _lever_span_mask,
     "same-window-negatives": _lever_same_window_negatives,
+    "motion-augment": _lever_motion_augment,
     "uniform-negatives": _negatives_kind("uniform"),
     "cosine-negatives": _negatives_kind("cosine"),
     "quantizer": _switch_quantizer,

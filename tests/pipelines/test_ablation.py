@@ -156,3 +156,22 @@ def test_comparison_group_is_negatives_by_mask_and_the_quantizer(tmp_path):
     assert len(seen) == 7
     q = _config(stages["gt_pose+mask+quantizer: pretrain"]).model
     assert q.quantizer.dim == 64 and q.quantizer.entries == 320
+
+
+def test_shard_levers_pretrain_on_their_own_synth_made_once(tmp_path):
+    chosen = ["all", "all+motion-augment", "+motion-augment", "+appearance-swap"]
+    stages = ablation.plan(tmp_path, chosen, False, 2)
+    synths = [s for s in stages if s.args[:2] == ["shards", "synth"]]
+    assert [s.name for s in synths] == ["shards", "shards-appearance-swap",
+                                        "shards-appearance-swap+motion-augment",
+                                        "shards-motion-augment"]  # fmt: skip
+    by = {s.name: s for s in stages}
+    both = by["shards-appearance-swap+motion-augment"].args
+    assert both[3] == str(tmp_path / "shards-app-motion")
+    assert {"--mirror", "--speeds", "--appearances-per-sample"} <= set(both)
+    for variant, root in (("all+motion-augment", "shards-app-motion"),
+                          ("motion-augment", "shards-motion"), ("all", "shards-app")):
+        cfg = _config(by[f"{variant}: pretrain"])
+        assert cfg.data.train == str(tmp_path / root / "train")
+        args = by[f"{variant}: retrieval on val"].args
+        assert args[args.index("--shards") + 1] == str(tmp_path / "shards")  # plain gallery

@@ -141,8 +141,9 @@ def run_future(shards: str | os.PathLike, out_dir: str | os.PathLike, config: Fu
         )
     eval_clips = [c for name in config.eval_splits for c in read_motion(splits[name], name)]
     count = config.select_clips
-    if count and len(train_clips) - count < 2:
-        print(f"finetune future: only {len(train_clips)} train clips long enough; none held out "
+    sources = {c.name.split("~", 1)[0] for c in train_clips}
+    if count and len(sources) - count < 2:
+        print(f"finetune future: only {len(sources)} train clips long enough; none held out "
               "to choose the model (the last step, the full transformer share)", file=sys.stderr)
         count = 0
     train_clips, select_clips = hold_out(train_clips, count)
@@ -198,16 +199,19 @@ def run_future(shards: str | os.PathLike, out_dir: str | os.PathLike, config: Fu
 
 def hold_out(clips: list[Clip], count: int) -> tuple[list[Clip], list[Clip]]:
     """(training clips, ``count`` clips held out to choose the model), the held-out ones evenly
-    spaced in name order; at least two clips stay for training."""
+    spaced in name order; at least two clips stay for training. Augmented copies of a clip
+    (``walk~mirror``, ``walk~x0.8``: ``shards synth --mirror/--speeds``) go with it: a held-out
+    clip's copies are not trained on, and copies are never held out themselves."""
     if count == 0:
         return clips, []
-    if len(clips) - count < 2:
-        raise ValueError(f"select_clips={count} leaves fewer than 2 of the {len(clips)} "
+    sources = sorted({c.name.split("~", 1)[0] for c in clips})
+    if len(sources) - count < 2:
+        raise ValueError(f"select_clips={count} leaves fewer than 2 of the {len(sources)} "
                          "train clips for training (set select_clips=0)")  # fmt: skip
-    ordered = sorted(clips, key=lambda c: c.name)
-    picks = set(np.linspace(0, len(ordered) - 1, count + 2)[1:-1].round().astype(int).tolist())
-    return ([c for i, c in enumerate(ordered) if i not in picks],
-            [c for i, c in enumerate(ordered) if i in picks])  # fmt: skip
+    picks = np.linspace(0, len(sources) - 1, count + 2)[1:-1].round().astype(int).tolist()
+    held = {sources[i] for i in picks}
+    return ([c for c in clips if c.name.split("~", 1)[0] not in held],
+            sorted((c for c in clips if c.name in held), key=lambda c: c.name))  # fmt: skip
 
 
 def _mean_share(logits: torch.Tensor | None) -> float | None:

@@ -391,6 +391,9 @@ def test_held_out_selection_clips_are_evenly_spaced_and_leave_two():
     kept, held = fut.hold_out(clips, 2)
     assert [c.name for c in held] == ["c03", "c07"] and len(kept) == 9
     assert fut.hold_out(clips, 0) == (clips, [])
+    copies = [Clip("train", f"c03~{tag}", 0, moving_clip(30)) for tag in ("mirror", "x0.8")]
+    kept, held = fut.hold_out(clips + copies, 2)  # a held-out clip's copies are not trained on
+    assert [c.name for c in held] == ["c03", "c07"] and len(kept) == 9
     with pytest.raises(ValueError, match="select_clips=10 leaves fewer than 2"):
         fut.hold_out(clips, 10)
 
