@@ -101,12 +101,17 @@ def parse_steps(text: str | None) -> tuple[int, ...]:
     return tuple(sorted(steps))
 
 
-def runs(variants: list[str], budgets: tuple[int, ...] = ()) -> list[tuple[str, str, int | None]]:
+def runs(variants: list[str], budgets: tuple[int, ...] = (), quick: bool = False
+         ) -> list[tuple[str, str, int | None]]:  # fmt: skip
     """(row label, run folder, steps) of every pretraining: each variant at each budget
-    (``all@1000``), or at the recipe's steps without budgets."""
+    (``all@1000``, in folder ``all@1000``; at the recipe's own steps in the variant's plain
+    folder, so an ablation run without budgets in the same OUT serves it), or at the recipe's
+    steps without budgets."""
     if not budgets:
         return [(v, v.lstrip("+"), None) for v in variants]
-    return [(f"{v}@{n}", f"{v.lstrip('+')}@{n}", n) for v in variants for n in budgets]
+    default = pretrain_recipe(quick)[1]
+    return [(f"{v}@{n}", v.lstrip("+") + ("" if n == default else f"@{n}"), n)
+            for v in variants for n in budgets]  # fmt: skip
 
 
 def plan(out: Path, variants: list[str], quick: bool, nproc: int,
@@ -117,7 +122,7 @@ def plan(out: Path, variants: list[str], quick: bool, nproc: int,
     synths = [train_synth_stage(out, VARIANTS[v], quick) for v in variants]
     stages += list({s.name: s for s in synths if s is not None}.values())  # each once
     for variant in variants:
-        for _, slug, steps in runs([variant], budgets):
+        for _, slug, steps in runs([variant], budgets, quick):
             c = lever_chain(out, out / slug, VARIANTS[variant], quick, nproc, steps)
             stages += [_named(chain.pretrain(c), f"{slug}: pretrain"),
                        _named(chain.export(c), f"{slug}: export")]  # fmt: skip
@@ -145,13 +150,13 @@ def run_ablation(out_dir: str | os.PathLike, variants: str | None = None, quick:
     if dry_run:
         return print_plan(stages, "ablation")
     record_path = out / "ablation-run.json"
-    settings = {"quick": quick, "nproc": nproc} | ({"steps": list(budgets)} if budgets else {})
+    settings = {"quick": quick, "nproc": nproc}  # budgets and variants have their own folders
     record = open_record(record_path, "an ablation run", settings)
     code = run_stages(stages, "ablation", record, record_path)
     if code:
         return code
     commands = {s.name: s.command for s in stages}
-    results = summarize(out, chosen, commands, settings, budgets)
+    results = summarize(out, chosen, commands, settings | {"steps": list(budgets)}, budgets)
     text = markdown(results)
     figures = {"ablation": plot(results)}
     if len(budgets) > 1:
@@ -174,7 +179,7 @@ def summarize(out: Path, variants: list[str], commands: dict, settings: dict,
     """Per held-out set: the reference rows (from the first run; random-init's input follows
     the background-mask setting, so a variant with the other setting adds its own random-init
     row) and every run's model row (``variant@steps`` with budgets)."""
-    rows = runs(variants, budgets)
+    rows = runs(variants, budgets, settings["quick"])
     labels = [label for label, _, _ in rows]
     heldout = {}
     for split in HELDOUT:

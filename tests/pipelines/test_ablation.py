@@ -98,8 +98,9 @@ def test_steps_budgets_give_one_run_per_variant_and_budget(tmp_path):
         assert stages[f"all@{n}: pretrain"].done == done
     assert "all: pretrain" not in stages
     recipe_steps = _config(next(iter(ablation.plan(tmp_path, ["all"], False, 2)[2:3]))).train
-    same = _config(ablation.plan(tmp_path, ["all"], False, 2, (recipe_steps.max_steps,))[2])
-    assert same.train == recipe_steps  # the recipe's own budget adds no override
+    own = ablation.plan(tmp_path, ["all"], False, 2, (recipe_steps.max_steps,))[2]
+    assert _config(own).train == recipe_steps  # the recipe's own budget adds no override
+    assert own.name == "all: pretrain"  # ... and is the plain ablation's run of the variant
     assert ablation.parse_steps("1000,100,100") == (100, 1000) and ablation.parse_steps("") == ()
     for bad in ("0,100", "ten", ","):
         with pytest.raises(ValueError, match="--steps must be positive step counts"):
@@ -124,7 +125,7 @@ def test_scaling_plot_and_table_from_budget_runs(tmp_path):
         (tmp_path / "shards" / split / "manifest.json").write_text(
             json.dumps({"source": {"clips": [f"{split}-clip"]}}))
         for n, model in zip(budgets, (450.0, 380.0), strict=True):
-            d = tmp_path / f"all@{n}" / f"retrieval-{split}"
+            d = tmp_path / ("all" if n == 300 else f"all@{n}") / f"retrieval-{split}"
             d.mkdir(parents=True)
             (d / "retrieval.json").write_text(json.dumps(retrieval(model)))
     stages = ablation.plan(tmp_path, ["all"], False, 2, budgets)
