@@ -20,21 +20,27 @@ Members of sample ``KEY`` (``KEY.<member>`` inside the tar):
 - ``meta.json``: metadata (:class:`Meta`), UTF-8 JSON.
 
 Everything but ``meta.json`` is optional; ``meta.has`` says which members a sample carries, and
-one split (one manifest) carries the same members in every sample. Arrays are ``.npy`` and are
-always loaded with ``allow_pickle=False``; no member is ever unpickled.
+one split (one manifest) carries the same members in every sample. Arrays are ``.npy`` of plain
+dtypes, read by :func:`data_shards.untrusted.load_npy`; no member is ever unpickled. What a
+member claims is bounded before anything is allocated or decoded: the frame size
+(:data:`MAX_IMAGE_SIDE`, read from each JPEG's header), the frames of a sample
+(:data:`MAX_FRAME_BYTES`), an array's shape (the bytes it holds), JSON nesting.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from data_shards.skeleton import NUM_JOINTS
+from data_shards.untrusted import MAX_JSON_DEPTH, brief, is_int, is_number, json_depth_ok, load_npy
 
 SCHEMA_VERSION = 1
 
@@ -49,12 +55,20 @@ FRAME_RE = re.compile(r"^v(\d{2})\.t(\d{3})\.jpg$")
 
 OPTIONAL_PARTS = ("frames", "masks", "pose3d", "pose2d", "cameras", "det2d")
 ARRAY_MEMBERS = (MASKS, POSE3D, POSE2D, CAM_K, CAM_RT, DET2D)
+MAX_IMAGE_SIDE = 4096
+"""The largest frame width or height a sample may declare (a decoded 4096 x 4096 RGB frame is
+48 MiB); a header claiming more is refused before anything is allocated or decoded."""
+MAX_FRAME_BYTES = 2 * 1024**3
+"""The most bytes a sample's decoded frames may take (V x T x H x W x 3): what ``decode``
+allocates for one sample is bounded before a frame is read."""
 
 
 def is_member(ext: str) -> bool:
     """Whether a member extension is one this schema reads (anything else, a pickle or a
     ``.pth`` included, is never even read)."""
     return ext == META or ext in ARRAY_MEMBERS or FRAME_RE.match(ext) is not None
+
+
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -69,6 +83,12 @@ class SampleError(ValueError):
 def frame_member(view: int, time: int) -> str:
     """Member name of the JPEG frame of ``view`` at window position ``time``."""
     return f"v{view:02d}.t{time:03d}.jpg"
+
+
+def is_size(value: object) -> bool:
+    """(W, H), each a whole number in [1, MAX_IMAGE_SIDE]."""
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(is_int(v) and 1 <= v <= MAX_IMAGE_SIDE for v in value))  # fmt: skip
 
 
 def make_key(*parts: object) -> str:
@@ -130,22 +150,60 @@ class Meta:
 
     @classmethod
     def from_json(cls, key: str, data: bytes) -> Meta:
+        """Parse and :meth:`check` ``meta.json``; SampleError (field ``meta.json``) otherwise."""
         try:
             d = json.loads(data.decode("utf-8"))
+            if not isinstance(d, dict):
+                raise SampleError(key, META, f"invalid metadata: not an object ({brief(d)})")
             version = d.get("schema_version")
             if version != SCHEMA_VERSION:
-                raise SampleError(key, META, f"schema version {version}, expected {SCHEMA_VERSION}")
+                raise SampleError(
+                    key, META, f"schema version {brief(version)}, expected {SCHEMA_VERSION}"
+                )
             d["views"] = [View(**v) for v in d["views"]]
-            d["image_size"] = tuple(int(s) for s in d["image_size"])
+            d["image_size"] = tuple(d["image_size"])
             meta = cls(**d)
         except SampleError:
             raise
+        except RecursionError:  # json nests one C call per bracket
+            raise SampleError(key, META, "invalid metadata: nested too deeply") from None
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise SampleError(key, META, f"invalid metadata ({type(e).__name__}: {e})") from None
-        unknown = set(meta.has) - set(OPTIONAL_PARTS)
-        if unknown or not meta.frames or not meta.views:
-            raise SampleError(key, META, f"invalid metadata (has={meta.has}, views, frames)")
+        meta.check(key)
         return meta
+
+    def check(self, key: str) -> None:
+        """Raise SampleError (field ``meta.json``) unless every field has its type and range:
+        what a reader allocates from (views, frames, image size) is bounded before it is used."""
+        problem = ""
+        texts = ("source", "clip", "action", "subject")
+        if bad := [n for n in texts if not isinstance(getattr(self, n), str)]:
+            problem = f"{bad[0]} must be a string, got {brief(getattr(self, bad[0]))}"
+        elif not is_number(self.fps) or not 0 < self.fps < math.inf:
+            problem = f"fps must be a number > 0, got {brief(self.fps)}"
+        elif not (isinstance(self.frames, list) and self.frames
+                  and all(is_int(t) for t in self.frames)):  # fmt: skip
+            problem = f"frames must be a non-empty list of whole numbers, got {brief(self.frames)}"
+        elif not (isinstance(self.views, list) and self.views and all(
+                isinstance(v, View) and isinstance(v.camera, str) and is_int(v.appearance)
+                for v in self.views)):  # fmt: skip
+            problem = f"views must be a non-empty list of views, got {brief(self.views)}"
+        elif not is_size(self.image_size):
+            problem = (f"image_size must be [W, H] with 1 <= W, H <= {MAX_IMAGE_SIDE}, "
+                       f"got {brief(self.image_size)}")  # fmt: skip
+        elif (n := self.num_views * self.num_frames * 3 * math.prod(self.image_size)) > (
+            MAX_FRAME_BYTES
+        ):
+            problem = f"V x T x H x W x 3 = {n} bytes of frames, more than {MAX_FRAME_BYTES}"
+        elif not isinstance(self.has, dict) or not all(
+            k in OPTIONAL_PARTS and isinstance(v, bool) for k, v in self.has.items()
+        ):
+            problem = (f"has must map parts of {OPTIONAL_PARTS} to true/false, "
+                       f"got {brief(self.has)}")  # fmt: skip
+        elif not isinstance(self.extra, dict) or not json_depth_ok(self.extra):
+            problem = f"extra must be an object nested at most {MAX_JSON_DEPTH} deep"
+        if problem:
+            raise SampleError(key, META, f"invalid metadata: {problem}")
 
 
 @dataclass
@@ -185,16 +243,23 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """JPEG bytes -> (H, W, 3) uint8. Raises ValueError on a corrupt or non-RGB image."""
+def decode_jpeg(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
+    """JPEG bytes -> (H, W, 3) uint8. Raises ValueError on a corrupt or non-RGB image, and,
+    when ``size`` (W, H) is given, on another size: the size is read from the header, so a
+    frame of the wrong size (a 13000 x 13000 one included) is refused before it is decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
             if im.format != "JPEG":
                 raise ValueError(f"not a JPEG ({im.format})")
+            if size is not None and tuple(im.size) != tuple(size):
+                raise ValueError(f"size {im.size[0]}x{im.size[1]}, expected {size[0]}x{size[1]} "
+                                 "(not decoded)")  # fmt: skip
             im.load()
             if im.mode != "RGB":
                 im = im.convert("RGB")
             return np.asarray(im)
+    except Image.DecompressionBombError as e:  # Image.open refuses > 2 x MAX_IMAGE_PIXELS
+        raise ValueError(f"header claims a huge image, not decoded ({e})") from None
     except (OSError, SyntaxError) as e:  # PIL signals corrupt data with OSError
         raise ValueError(f"corrupt JPEG ({e})") from None
 
@@ -246,7 +311,7 @@ def _load_npy(key: str, raw: dict[str, bytes], member: str, dtype: type) -> np.n
     if member not in raw:
         raise SampleError(key, member, "missing member")
     try:
-        arr = np.load(io.BytesIO(raw[member]), allow_pickle=False)
+        arr = load_npy(raw[member])
     except ValueError as e:
         raise SampleError(key, member, f"not a plain .npy array ({e})") from None
     if arr.dtype != dtype:
@@ -254,16 +319,50 @@ def _load_npy(key: str, raw: dict[str, bytes], member: str, dtype: type) -> np.n
     return arr
 
 
-def decode_sample(raw: dict[str, bytes], decode_frames: bool = True) -> Sample:
+def member_names(meta: Meta) -> set[str]:
+    """The members a sample with ``meta`` carries (besides ``__key__``)."""
+    names = {META}
+    has = meta.has
+    if has.get("frames"):
+        names.update(frame_member(v, t) for v in range(meta.num_views)
+                     for t in range(meta.num_frames))  # fmt: skip
+    parts = {"masks": (MASKS,), "pose3d": (POSE3D,), "pose2d": (POSE2D,),
+             "cameras": (CAM_K, CAM_RT), "det2d": (DET2D,)}  # fmt: skip
+    for part, members in parts.items():
+        if has.get(part):
+            names.update(members)
+    return names
+
+
+def check_layout(meta: Meta, views: int, frames: int, image_size: tuple[int, int],
+                 has: dict[str, bool], key: str) -> None:  # fmt: skip
+    """SampleError (field ``meta.json``) unless ``meta`` has the split's layout: V, T, (W, H)
+    and the same parts (so its sample collates with the others)."""
+    got = (meta.num_views, meta.num_frames, tuple(meta.image_size))
+    want = (views, frames, tuple(image_size))
+    parts = sorted(p for p, on in meta.has.items() if on)
+    split_parts = sorted(p for p, on in has.items() if on)
+    if got != want or parts != split_parts:
+        raise SampleError(
+            key, META, f"layout V,T,(W,H)={got}, parts {parts}; the split has {want}, {split_parts}"
+        )
+
+
+def decode_sample(raw: dict[str, bytes], decode_frames: bool = True,
+                  check_meta: Callable[[Meta], None] | None = None) -> Sample:  # fmt: skip
     """Members of one webdataset sample -> a validated :class:`Sample`.
 
     Only the members named in the module docstring are read; any other member (a pickle, a
-    ``.pth``) is ignored, never decoded. Raises :class:`SampleError` naming the key and field.
+    ``.pth``) is ignored, never decoded. ``check_meta`` is called with the parsed metadata
+    before any other member is decoded (a reader refuses a sample of another layout there, at
+    no decoding cost). Raises :class:`SampleError` naming the key and field.
     """
     key = str(raw.get("__key__", "?"))
     if META not in raw:
         raise SampleError(key, META, "missing member")
     meta = Meta.from_json(key, raw[META])
+    if check_meta is not None:
+        check_meta(meta)
     V, T = meta.num_views, meta.num_frames
     s = Sample(key=key, meta=meta)
     if meta.has.get("frames"):
@@ -295,7 +394,7 @@ def decode_sample(raw: dict[str, bytes], decode_frames: bool = True) -> Sample:
         s.Rt = _load_npy(key, raw, CAM_RT, np.float64)
     if meta.has.get("det2d"):
         s.det2d = _load_npy(key, raw, DET2D, np.float32)
-    validate(s)
+    _validate_parts(s)  # the metadata was checked when parsed
     return s
 
 
@@ -307,14 +406,9 @@ def decode_frames_of(key: str, jpegs: list[list[bytes]], image_size: tuple[int, 
     for v in range(V):
         for t in range(T):
             try:
-                img = decode_jpeg(jpegs[v][t])
+                out[v, t] = decode_jpeg(jpegs[v][t], (W, H))
             except ValueError as e:
                 raise SampleError(key, frame_member(v, t), str(e)) from None
-            if img.shape != (H, W, 3):
-                raise SampleError(
-                    key, frame_member(v, t), f"size {img.shape[1]}x{img.shape[0]}, expected {W}x{H}"
-                )
-            out[v, t] = img
     return out
 
 
@@ -328,7 +422,13 @@ def _check_array(key: str, name: str, arr: np.ndarray | None, shape: tuple, fini
 
 
 def validate(s: Sample) -> None:
-    """Check shapes, dtypes and finiteness of every part ``s.meta.has`` declares."""
+    """Check the metadata's fields, then shapes, dtypes and finiteness of every part
+    ``s.meta.has`` declares."""
+    s.meta.check(s.key)
+    _validate_parts(s)
+
+
+def _validate_parts(s: Sample) -> None:
     m = s.meta
     V, T, J = m.num_views, m.num_frames, NUM_JOINTS
     W, H = m.image_size

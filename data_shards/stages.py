@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from data_shards.manifest import Manifest
-from data_shards.schema import Sample, SampleError, decode_sample, is_member
+from data_shards.schema import Meta, Sample, SampleError, check_layout, decode_sample, is_member
 from data_shards.tario import iter_tar_samples
 from data_shards.transforms import Decoded
 
@@ -48,6 +48,9 @@ class ShardSlice(NamedTuple):
     stop: int
     sha256: str = ""
     """The manifest's hash of the file: checked before any sample is read ("" skips it)."""
+    count: int = -1
+    """The manifest's sample count of the whole shard (-1: unknown). A slice that reads to it
+    checks that the file ends there: a count below the real one is an error, not obeyed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +143,7 @@ def plan_epoch(
     offset = 0
     for i in range(len(shards)) if order is None else order.tolist():
         s = shards[i]
-        yield ShardSlice(s.path, s.first_key, offset, 0, s.samples, s.sha256)
+        yield ShardSlice(s.path, s.first_key, offset, 0, s.samples, s.sha256, s.samples)
         offset += s.samples
 
 
@@ -166,6 +169,8 @@ def read_shards(slices: Iterable[ShardSlice], ctx: WorkerContext) -> Iterator[di
 
     A shard that is missing, broken or shorter than its manifest count loses only the samples
     it cannot deliver (one counted error); a cut at a 512-byte boundary is caught by the count.
+    A shard holding more samples than its manifest count is one counted error too (the samples
+    past the count are not read): the slice that reads to the count looks one sample further.
     """
     for s in slices:
         name, want, got, key, problem = os.path.basename(s.path), s.stop - s.start, 0, "-", ""
@@ -182,12 +187,16 @@ def read_shards(slices: Iterable[ShardSlice], ctx: WorkerContext) -> Iterator[di
                     yield raw
                     if got == want:
                         break
+                if got == want and s.stop == s.count and next(samples, None) is not None:
+                    problem = f"holds more samples than the manifest's {s.count}; the rest unread"
         except OSError as e:  # ShardError (broken tar) is an OSError, so is a missing file
             problem = f"{type(e).__name__}: {e}"
         if got < want:
             where = f"after {key}" if got else "(first)"
             problem = problem or f"file ends after {s.start + got} samples, manifest: >= {s.stop}"
             ctx.report("shard", name, where, f"{problem}; {want - got} samples lost", want - got)
+        elif problem:
+            ctx.report("shard", name, f"after {key}", problem)
 
 
 def shuffle(raws: Iterable[dict], bufsize: int, seed: list[int]) -> Iterator[dict]:
@@ -226,19 +235,15 @@ def skip_to_cursor(raws: Iterable[dict], ctx: WorkerContext) -> Iterator[dict]:
 
 
 def decode_checked(raw: dict, layout: Manifest, frames: str) -> Sample:
-    """schema.decode_sample plus a check that the sample fits the split's layout (so it
-    collates with the others). Raises SampleError."""
-    s = decode_sample(raw, decode_frames=frames == "decode")
-    m = s.meta
-    got = (m.num_views, m.num_frames, tuple(m.image_size))
-    want = (layout.views, layout.frames, tuple(layout.image_size))
-    if got != want or any(m.has.get(p, False) != v for p, v in layout.has.items()):
-        raise SampleError(
-            s.key,
-            "meta.json",
-            f"layout V,T,(W,H)={got}, has={m.has}; split has {want}, has={layout.has}",
-        )
-    return s
+    """schema.decode_sample, refusing a sample that does not fit the split's layout (so it
+    collates with the others) before anything but its metadata is decoded. Raises
+    SampleError."""
+    key = str(raw.get("__key__", "?"))
+
+    def fits(meta: Meta) -> None:
+        check_layout(meta, layout.views, layout.frames, layout.image_size, layout.has, key)
+
+    return decode_sample(raw, decode_frames=frames == "decode", check_meta=fits)
 
 
 def safe_decode(raws: Iterable[dict], ctx: WorkerContext, decode: Callable) -> Iterator[Decoded]:

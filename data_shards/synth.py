@@ -161,6 +161,20 @@ def window_starts(num_frames: int, length: int, stride: int) -> list[int]:
     return starts
 
 
+def check_clip_lengths(clips: Sequence[str], config: SynthConfig) -> None:
+    """ValueError naming every clip (or augmented copy) shorter than one window of
+    ``config.frames``, and the longest window all of them allow: such a clip would give no
+    sample at all, silently (a held-out split would come out empty or lose an action)."""
+    lengths = {clip: motion(clip, config.fps).num_frames for clip in clips}
+    short = [f"{clip} ({n})" for clip, n in lengths.items() if n < config.frames]
+    if short:
+        raise ValueError(
+            f"a window of {config.frames} frames is longer than clip(s) {', '.join(short)} "
+            f"(frames at {config.fps:g} fps); use --frames {min(lengths.values())} or less, or "
+            "leave them out (--clips, --val-clips, --test-clips)"
+        )
+
+
 def plan_jobs(clips: Sequence[str], config: SynthConfig) -> list[Job]:
     """Every sample of ``clips`` in output order: clip, then window start, then appearance."""
     jobs = []
@@ -362,6 +376,7 @@ def iter_samples(
         clips = augmented_clips(clips, config) if split == "train" else clips
     for clip in clips:
         augment.ClipVariant.parse(clip)  # an unknown clip or tag raises here, before any work
+    check_clip_lengths(clips, config)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     jobs = plan_jobs(clips, config)
@@ -420,10 +435,14 @@ def build_splits(
 
     config = config or SynthConfig()
     generator = {"command": "synth", "config": config.to_dict()}
+    table = {name: augmented_clips(clips, config) if name == "train" else tuple(clips)
+             for name, clips in (splits or SPLITS).items()}  # fmt: skip
+    # before any split is rendered (or one would be left written, the next one not)
+    check_clip_lengths([clip for clips in table.values() for clip in clips], config)
     manifests = {}
     for name, clips in (splits or SPLITS).items():
         source = {"source": SOURCE, "clips": list(clips), "data": "pybullet==3.2.7 DeepMimic"}
-        rendered = augmented_clips(clips, config) if name == "train" else tuple(clips)
+        rendered = table[name]
         copies = [c for c in rendered if c not in clips]
         if copies:
             source["augmentation"] = {

@@ -20,6 +20,7 @@ import os
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 MAX_MEMBER_BYTES = 64 * 1024**2
 """The largest member read (a frame, an array, the metadata); larger claims are refused."""
@@ -60,8 +61,20 @@ def check_shard_file(path: str | os.PathLike, sha256: str | None = None) -> None
                                     "no sample of it is read")  # fmt: skip
 
 
+class _Hashing:
+    """A binary file that feeds every byte read through it to ``digest``."""
+
+    def __init__(self, f: BinaryIO, digest: Any):
+        self.f, self.digest = f, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.digest.update(data)
+        return data
+
+
 def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None = None,
-                     wanted: Callable[[str], bool] | None = None
+                     wanted: Callable[[str], bool] | None = None, digest: Any = None
                      ) -> Iterator[dict[str, bytes]]:  # fmt: skip
     """Yield the samples of a tar file as ``{'__key__': key, ext: bytes, ...}`` in file order.
 
@@ -70,13 +83,17 @@ def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None 
     regular files are read (links, devices and directories are ignored: a shard is data, not a
     file tree to recreate). Raises :class:`ShardError` on a structurally broken tar, a path that
     is not a regular file, a sparse or oversized member, or a sha256 mismatch (see the module
-    docstring).
+    docstring). ``digest`` (a ``hashlib`` object), when given, is fed every byte of the file as
+    it is read: a caller reading every sample gets the file's hash from the same single pass
+    (complete once the generator is exhausted without error).
     """
     shard = os.path.basename(os.fspath(path))
     check_shard_file(path, sha256)
     index, current, key, names = 0, None, None, set()
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with open(path, "rb") as f, tarfile.open(
+            fileobj=(src := f if digest is None else _Hashing(f, digest)), mode="r|"
+        ) as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -103,6 +120,8 @@ def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None 
                 current[ext] = data.read() if data is not None else b""
             if current is not None:
                 yield current
+            while digest is not None and src.read(1 << 20):
+                pass  # tarfile stops reading at the end-of-archive blocks
     except tarfile.TarError as e:
         raise ShardError(
             shard, f"broken tar after sample {index} ({type(e).__name__}: {e})"

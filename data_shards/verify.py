@@ -1,13 +1,16 @@
 """`posebert shards verify` and `posebert shards stats`: check shards against their manifest.
 
-verify reads every byte: file sizes and SHA-256 against the manifest, every sample decoded
-and validated with the schema, sample counts and actions per shard, no stray or missing
-shard file. It reports every problem it finds (shard, key, what) rather than stopping at the
-first one.
+verify reads every byte, once: file sizes and SHA-256 against the manifest, every sample
+decoded and validated with the schema, sample counts and actions per shard, no stray or missing
+shard file, no key twice in a split, no member the schema does not know (a ``.pyd`` or
+``.pickle`` that a default ``webdataset`` decode would unpickle) or the sample does not declare.
+It reports every problem it finds, one line each (shard, key, what), rather than stopping at the
+first one: a decoder failing in a way the schema did not foresee is reported like the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -18,8 +21,27 @@ from tqdm import tqdm
 from data_shards import augment
 from data_shards.detect_shards import detection_summary
 from data_shards.manifest import Manifest, ManifestError, ShardInfo, find_splits, sha256_file
-from data_shards.schema import SampleError, decode_sample
+from data_shards.schema import (
+    Meta,
+    Sample,
+    SampleError,
+    check_layout,
+    decode_sample,
+    is_member,
+    member_names,
+)
 from data_shards.tario import ShardError, iter_tar_samples
+
+MAX_PROBLEM_CHARS = 400
+"""A problem's description is cut to this length: one readable line whatever a file holds."""
+
+
+def _one_line(text: str, limit: int = MAX_PROBLEM_CHARS) -> str:
+    """Text from a file as one printable line (a key or message must not forge or hide lines)."""
+    text = " ".join(text.split())
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -31,60 +53,97 @@ class Problem:
     key: str
     what: str
 
+    def __post_init__(self) -> None:
+        for name in ("shard", "key", "what"):
+            object.__setattr__(self, name, _one_line(getattr(self, name)))
+
     def __str__(self) -> str:
         where = f"{self.split}/{self.shard}" + (f" key {self.key}" if self.key else "")
         return f"{where}: {self.what}"
 
 
-def _check_samples(split: str, path: Path, info: ShardInfo, manifest: Manifest) -> list[Problem]:
-    problems, actions, count = [], Counter(), 0
+def _decode(raw: dict, manifest: Manifest) -> tuple[Sample | None, str]:
+    """(sample, "") or (None, what is wrong): the split's layout is checked from the metadata
+    before any frame is decoded, and no decoder failure escapes."""
+    key = str(raw["__key__"])
+
+    def fits(meta: Meta) -> None:
+        m = manifest
+        check_layout(meta, m.views, m.frames, m.image_size, m.has, key)
+
     try:
-        for raw in iter_tar_samples(path):
+        return decode_sample(raw, check_meta=fits), ""
+    except SampleError as e:
+        return None, f"{e.field}: {e.message}"
+    except Exception as e:  # a failure the schema did not foresee must not end the report
+        return None, f"cannot be decoded ({type(e).__name__}: {e})"
+
+
+def _member_problems(raw: dict, meta: Meta | None) -> list[str]:
+    """Members no reader reads: unknown to the schema (a ``.pyd`` or ``.pickle`` that
+    ``webdataset``'s default ``.decode()`` would unpickle), or known but not declared by the
+    sample's ``meta.json``."""
+    found = set(raw) - {"__key__"}
+    unknown = sorted(ext for ext in found if not is_member(ext))
+    out = [f"member .{ext}: not in the schema (never read; a default webdataset decode would "
+           f"unpickle .pyd/.pickle)" for ext in unknown]  # fmt: skip
+    if meta is not None:
+        stray = sorted(found - set(unknown) - member_names(meta))
+        out += [f"member .{ext}: not declared by meta.json (has, views, frames)" for ext in stray]
+    return out
+
+
+def _check_samples(split: str, path: Path, info: ShardInfo, manifest: Manifest,
+                   seen: dict[str, str]) -> tuple[list[Problem], str | None]:  # fmt: skip
+    """Problems of one shard's samples (every one decoded), and the file's sha256 from the same
+    read (None when the tar could not be read to its end). ``seen``: key -> shard, of the split
+    so far."""
+    problems, actions, count, bad, digest = [], Counter(), 0, 0, hashlib.sha256()
+
+    def problem(key: str, what: str) -> None:
+        problems.append(Problem(split, info.name, key, what))
+
+    try:
+        for raw in iter_tar_samples(path, digest=digest):
             count += 1
             key = str(raw["__key__"])
             if count == 1 and info.first_key and key != info.first_key:
-                problems.append(
-                    Problem(split, info.name, key, f"first key, expected {info.first_key}")
-                )
-            try:
-                s = decode_sample(raw)
-            except SampleError as e:
-                problems.append(Problem(split, info.name, key, f"{e.field}: {e.message}"))
-                continue
-            m = s.meta
-            layout = (m.num_views, m.num_frames, tuple(m.image_size))
-            expected = (manifest.views, manifest.frames, tuple(manifest.image_size))
-            if layout != expected:
-                problems.append(
-                    Problem(split, info.name, key, f"(V, T, size) {layout} != manifest {expected}")
-                )
-            if {k for k, v in m.has.items() if v} != {k for k, v in manifest.has.items() if v}:
-                problems.append(
-                    Problem(split, info.name, key, f"parts {m.has} != manifest {manifest.has}")
-                )
-            actions[m.action] += 1
+                problem(key, f"first key, expected {info.first_key}")
+            if key in seen:
+                problem(key, f"key repeated (also in {seen[key]})")
+            seen.setdefault(key, info.name)
+            s, what = _decode(raw, manifest)
+            if what:
+                problem(key, what)
+                bad += 1
+            for what in _member_problems(raw, s.meta if s is not None else None):
+                problem(key, what)
+            if s is not None:
+                actions[s.meta.action] += 1
     except ShardError as e:
-        problems.append(Problem(split, info.name, "", e.message))
+        problem("", e.message)
+        digest = None
     if count != info.samples:
-        problems.append(
-            Problem(split, info.name, "", f"{count} samples, manifest says {info.samples}")
-        )
-    elif dict(actions) != info.actions:
-        problems.append(Problem(split, info.name, "", f"actions {dict(actions)} != manifest"))
-    return problems
+        problem("", f"{count} samples, manifest says {info.samples}")
+    elif not bad and dict(actions) != info.actions:
+        problem("", f"actions {dict(actions)} != manifest")
+    return problems, digest.hexdigest() if digest is not None else None
 
 
 def verify_split(
     split_dir: str | os.PathLike, decode: bool = True, progress: bool = True
 ) -> list[Problem]:
-    """All problems of one split directory (an empty list when it is intact)."""
+    """All problems of one split directory (an empty list when it is intact).
+
+    Each shard is read once: with ``decode``, its sha256 is computed while its samples are.
+    """
     split_dir = Path(split_dir)
     split = split_dir.name
     try:
         manifest = Manifest.load(split_dir)
     except ManifestError as e:
         return [Problem(split, "manifest.json", "", str(e))]
-    problems = []
+    problems, seen = [], {}
     listed = {s.name for s in manifest.shards}
     for stray in sorted(p.name for p in split_dir.glob("*.tar") if p.name not in listed):
         problems.append(Problem(split, stray, "", "shard file not in the manifest"))
@@ -98,10 +157,12 @@ def verify_split(
             problems.append(
                 Problem(split, info.name, "", f"{size} bytes, manifest says {info.bytes}")
             )
-        if sha256_file(path) != info.sha256:
-            problems.append(Problem(split, info.name, "", "sha256 differs from the manifest"))
+        sha = None
         if decode:
-            problems.extend(_check_samples(split, path, info, manifest))
+            found, sha = _check_samples(split, path, info, manifest, seen)
+            problems.extend(found)
+        if (sha or sha256_file(path)) != info.sha256:
+            problems.append(Problem(split, info.name, "", "sha256 differs from the manifest"))
     return problems
 
 
