@@ -7,10 +7,15 @@ module only assembles them and turns expected failures into one error line.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
 from data_shards import __version__
+
+EX_IOERR = 74
+"""sysexits' I/O error: a write ran out of space (the pretraining loop's exit code for it too)."""
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError) as e:  # bad input: one line, nothing written is lost
         print(f"posebert {args.stage}: error: {e}", file=sys.stderr)
-        return 2
+        return EX_IOERR if isinstance(e, OSError) and e.errno in _NO_SPACE else 2
 
 
 if __name__ == "__main__":

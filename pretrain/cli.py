@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(stages: argparse._SubParsersAction) -> None:
@@ -56,8 +57,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pretrain.engine.checkpoint import CheckpointError
     from pretrain.export import export_encoder
 
-    path = export_encoder(args.run, args.out, step=args.step)
+    try:
+        path = export_encoder(args.run, args.out, step=args.step)
+    except CheckpointError as e:  # no valid checkpoint, or one that will not load: one line
+        print(f"posebert export: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
     return 0

@@ -19,6 +19,15 @@ from pretrain.engine.loop import TrainConfig
 from pretrain.model import PoseBERTConfig
 from pretrain.objectives import ContrastiveConfig
 
+MAX_IMAGE_SIZE = 1024
+"""Largest frame side in pixels (``data.size``, an exported encoder's ``input.size``): ResNet
+inputs are 224 px; 1024 px already costs 20x their memory per frame."""
+LIMITS = {"num_workers": 256, "shuffle_buffer": 100_000, "views": 64, "frames": 4096,
+          "size": MAX_IMAGE_SIZE}  # fmt: skip
+"""Upper bounds of the :class:`DataConfig` fields that allocate (processes, buffered samples,
+frames per sample, pixels): a typo such as ``size=100000`` is one line at start, not a
+MemoryError in a loader worker."""
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -27,17 +36,18 @@ class DataConfig:
     train: str = "runs/demo/shards/train"
     """Split directory (or several, comma-separated) of the training shards."""
     num_workers: int = 2
-    """Loader worker processes per rank."""
+    """Loader worker processes per rank (at most 256)."""
     shuffle_buffer: int = 64
-    """Samples in each worker's shuffle buffer."""
+    """Samples in each worker's shuffle buffer (at most 100,000; each holds its frames)."""
     error_budget: int = 10
     """Bad samples or shards tolerated per rank and epoch before the run stops."""
     views: int | None = None
-    """Keep this many of the V views per sample, drawn at random (None: all)."""
+    """Keep this many of the V views per sample, drawn at random (None: all; at most 64)."""
     frames: int | None = None
-    """Keep this many consecutive frames of the T per sample (None: all)."""
+    """Keep this many consecutive frames of the T per sample (None: all; at most 4096)."""
     size: int | None = None
-    """Resize frames to size x size (labels and intrinsics follow exactly); None: as stored."""
+    """Resize frames to size x size (labels and intrinsics follow exactly); None: as stored;
+    at most :data:`MAX_IMAGE_SIZE` (1024)."""
 
     def __post_init__(self) -> None:
         if not self.train.strip():
@@ -48,6 +58,10 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1 or None, got {value}")
+        for name, most in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value > most:
+                raise ValueError(f"{name}: {value} is more than the {most:,} allowed")
 
     def reader_config(self, batch_size: int, seed: int) -> ReaderConfig:
         transforms = []

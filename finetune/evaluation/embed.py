@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 from typing import Protocol
@@ -83,13 +82,15 @@ class Embeddings:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return cls(**{f.name: z[f.name] for f in dataclasses.fields(cls)})
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return save_verified(path, self.to_bytes())
+    def save(self, path: str | os.PathLike, key: str | None = None) -> Path:
+        """Verified file (:func:`finetune.evaluation.store.save_verified`), holding ``key``."""
+        return save_verified(path, self.to_bytes(), key)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Embeddings:
-        """Checksum verified before a byte is parsed."""
-        return cls.from_bytes(open_verified(path))
+    def load(cls, path: str | os.PathLike, key: str | None = None) -> Embeddings:
+        """Checksum verified before a byte is parsed; with ``key``, the file must hold it (a
+        cache entry moved or swapped from another one is refused)."""
+        return cls.from_bytes(open_verified(path, key))
 
 
 class FrameEmbedder(Protocol):
@@ -113,10 +114,10 @@ class EncoderEmbedder:
                  device: str | torch.device = "cpu") -> EncoderEmbedder:  # fmt: skip
         """An exported encoder directory; fingerprint = hash of its weights and config files."""
         from data_shards.transforms import Resize
-        from pretrain.export import CONFIG, load_encoder
+        from pretrain.export import load_encoder, read_encoder_config
 
         model = load_encoder(path)  # first: it names a directory that is not an encoder
-        size = json.loads((Path(path) / CONFIG).read_text()).get("input", {}).get("size")
+        _, size = read_encoder_config(path)  # checked: 1..MAX_IMAGE_SIZE or None
         transforms = (Resize(size),) if size else ()
         return cls(model, encoder_dir_fingerprint(path), device, transforms)
 
@@ -245,6 +246,11 @@ def embed_split_part(
         if not keep:
             continue
         vectors = embedder(batch["frames"], batch.get("masks"))[keep].numpy()  # (B, V, T, D)
+        finite = np.isfinite(vectors).reshape(len(keep), -1).all(axis=1)
+        if not finite.all():  # a search or a probe on them would fail obscurely
+            key = batch["keys"][keep[int(np.flatnonzero(~finite)[0])]]
+            raise ValueError(f"{split_dir}: the embedder {embedder.fingerprint[:16]} gave NaN or "
+                             f"infinite embeddings for sample {key}")  # fmt: skip
         parts.append(_batch_rows(batch, keep, vectors.astype(np.float32, copy=False)))
         bar.update(len(keep))
     bar.close()

@@ -22,7 +22,7 @@ import torch
 
 from data_shards.manifest import Manifest, atomic_write_text, find_splits
 from finetune.evaluation import metrics
-from finetune.evaluation.cache import cache_embeddings
+from finetune.evaluation.cache import cache_embeddings, cache_key
 from finetune.evaluation.embed import (
     Embeddings,
     EncoderEmbedder,
@@ -93,10 +93,11 @@ def _run(encoder_dir: Path, splits: dict, out: Path, cache: Path, config: Retrie
     if not dist.is_main():
         return None
     rows, query, gallery, shown = {}, None, None, None
-    for name in embedders:  # one embedder's rows in memory at a time
-        gallery = Embeddings.load(files[name, "train"])
-        query = Embeddings.load(files[name, query_split])
-        index = cached_index(gallery, files[name, "train"].parent, config)
+    for name, embedder in embedders.items():  # one embedder's rows in memory at a time
+        keys = {s: cache_key(embedder, splits[s]) for s in ("train", query_split)}
+        gallery = Embeddings.load(files[name, "train"], keys["train"])  # refused if swapped
+        query = Embeddings.load(files[name, query_split], keys[query_split])
+        index = cached_index(gallery, files[name, "train"].parent, config, keys["train"])
         scores = retrieve(query, gallery, config, index)
         rows[name] = scores.summary(config.ks, config.thresholds_mm)
         rows[name]["probe"] = ridge_probe(gallery, query)  # is pose there at all?

@@ -32,7 +32,7 @@ import numpy as np
 
 from finetune.evaluation.embed import Embeddings
 from finetune.evaluation.metrics import mpjpe, p_mpjpe
-from finetune.evaluation.store import is_complete, open_verified, save_verified
+from finetune.evaluation.store import is_complete, open_verified, save_verified, stored_key
 
 FAISS_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 INDEX_KINDS = ("flat", "ivfpq")
@@ -130,31 +130,37 @@ def build_index(
     return index
 
 
-def save_index(index: faiss.Index, path: str | os.PathLike) -> Path:
-    """Atomic write with a sha256 file beside it (GPU indexes are copied to the CPU first)."""
+def save_index(index: faiss.Index, path: str | os.PathLike, key: str | None = None) -> Path:
+    """Atomic write with a sha256 file beside it (GPU indexes are copied to the CPU first);
+    ``key`` is stored inside (:func:`finetune.evaluation.store.save_verified`)."""
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
         index = faiss.index_gpu_to_cpu(index)
-    return save_verified(path, faiss.serialize_index(index).tobytes())
+    return save_verified(path, faiss.serialize_index(index).tobytes(), key)
 
 
-def load_index(path: str | os.PathLike, gpu: str | bool = "auto") -> faiss.Index:
-    """The index at ``path``; its sha256 is verified before FAISS parses it (the bytes checked
-    are the bytes parsed: no re-read between check and use)."""
-    data = open_verified(path)
+def load_index(path: str | os.PathLike, gpu: str | bool = "auto",
+               key: str | None = None) -> faiss.Index:  # fmt: skip
+    """The index at ``path``; its sha256 (and ``key``, when given) is verified before FAISS
+    parses it (the bytes checked are the bytes parsed: no re-read between check and use)."""
+    data = open_verified(path, key)
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     return faiss.index_cpu_to_all_gpus(index) if use_gpu(gpu) else index
 
 
-def cached_index(gallery: Embeddings, folder: str | os.PathLike,
-                 config: RetrievalConfig) -> faiss.Index:  # fmt: skip
+def cached_index(gallery: Embeddings, folder: str | os.PathLike, config: RetrievalConfig,
+                 key: str | None = None) -> faiss.Index:  # fmt: skip
     """The gallery's index from ``folder`` (the embeddings' cache folder), built and saved when
     missing or half-written; a tampered one raises
-    :class:`finetune.evaluation.store.ChecksumError`."""
+    :class:`finetune.evaluation.store.ChecksumError`. ``key`` (the gallery embeddings' cache
+    key) is stored in the index file with the index settings and checked on reuse; an index
+    file of an older format (no key) is rebuilt."""
     path = Path(folder) / f"index-{config.kind}-{config.metric}.faiss"
-    if is_complete(path):
-        return load_index(path, config.gpu)
+    if key is not None:
+        key = f"index {key} kind={config.kind} metric={config.metric} seed={config.seed}"
+    if is_complete(path) and (key is None or stored_key(path) is not None):
+        return load_index(path, config.gpu, key)
     index = build_index(gallery.vectors, config.kind, config.metric, config.gpu, seed=config.seed)
-    save_index(index, path)
+    save_index(index, path, key)
     return index
 
 

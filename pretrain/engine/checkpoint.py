@@ -17,10 +17,15 @@ Loading never trusts a file it has not verified: :meth:`CheckpointManager.resolv
 newest ``step_N`` whose manifest matches every file (sizes and hashes, no unlisted file), falls
 back to an older one with a warning when the newest is truncated or incomplete, ignores (and
 cleans) ``*.tmp`` directories, and raises when checkpoints exist but none is valid (DeepSpeed
-itself would silently restart from step 0). Even a verified file is then loaded with
-``torch.load(weights_only=True)`` and an explicit allowlist of the few DeepSpeed types its
-optimizer state holds, so a checkpoint cannot run code; ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is
-refused because it turns the safe loader off for every other ``torch.load``.
+itself would silently restart from step 0). Verification also lists the pickle globals of every
+``.pt`` file (a static scan, nothing unpickled) and refuses any the safe loader would refuse, so
+a file rewritten behind a rewritten manifest falls back like a truncated one. Even a verified
+file is then loaded with ``torch.load(weights_only=True)`` and an explicit allowlist of the few
+DeepSpeed types its optimizer state holds, so a checkpoint cannot run code; a file that still
+fails to load raises :class:`CheckpointCorrupt` naming it (the loop then moves that checkpoint
+aside with :meth:`CheckpointManager.reject` and resumes from the next valid one).
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is refused because it turns the safe loader off for every
+other ``torch.load``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -93,12 +99,46 @@ def allowed_globals() -> list[Any]:
 _allowed_globals = allowed_globals  # the name pretrain.export imported first
 
 
-def load_file_safely(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+def _load_error(e: BaseException) -> str:
+    """One line from a failed ``torch.load``: torch's UnpicklingError runs over many lines and
+    advises ``weights_only=False``, which must never be followed for a checkpoint."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    why = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln),
+               lines[0] if lines else type(e).__name__)  # fmt: skip
+    why = why.removeprefix("WeightsUnpickler error: ")
+    return why.split(" was not an allowed global")[0].split(". Please use")[0][:300]
+
+
+def load_file_safely(path: str | os.PathLike, map_location: Any = "cpu", **kwargs: Any) -> Any:
     """``torch.load`` of one checkpoint file with ``weights_only=True`` and the DeepSpeed
-    allowlist (verify the directory first: :func:`verify`)."""
+    allowlist (verify the directory first: :func:`verify`). A file that will not load (a
+    global outside the allowlist, a broken zip or pickle) raises :class:`CheckpointCorrupt`
+    naming it, in one line."""
     refuse_unsafe_torch_load()
-    with torch.serialization.safe_globals(allowed_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip), EOFError, ...
+        raise CheckpointCorrupt(f"{path}: cannot be loaded safely ({_load_error(e)})") from None
+
+
+def scan_globals(path: Path) -> None:
+    """Raise :class:`CheckpointCorrupt` when the torch zip file ``path`` names a pickle global
+    the safe loader would refuse. A static scan of its ``data.pkl`` (nothing is unpickled),
+    cheap next to the sha256 :func:`verify` computes; files in torch's legacy format are
+    left to the loader."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # a broken zip or pickle: refused like a bad global
+        raise CheckpointCorrupt(f"{path}: not a readable torch file ({_load_error(e)})") from None
+    if unsafe:
+        raise CheckpointCorrupt(f"{path}: holds {', '.join(sorted(unsafe)[:3])}, which the safe "
+                                "loader refuses (rewritten behind the manifest?)")  # fmt: skip
 
 
 def _write_error(path: str | Path, err: BaseException, written: int = 0) -> str:
@@ -216,6 +256,15 @@ class CheckpointRef:
     def meta(self) -> dict[str, Any]:
         return self.manifest.get("meta", {})
 
+    def client_file(self, rank: int) -> Path:
+        """The DeepSpeed file holding rank ``rank``'s client state (ZeRO-3: one per rank)."""
+        ds = self.path / DS_TAG
+        for prefix in ("", f"zero_pp_rank_{rank}_"):
+            name = f"{prefix}mp_rank_00_model_states.pt"
+            if (ds / name).is_file():
+                return ds / name
+        return ds
+
 
 def verify(path: Path) -> dict[str, Any]:
     """The manifest of checkpoint directory ``path`` after checking every file against it
@@ -242,6 +291,8 @@ def verify(path: Path) -> dict[str, Any]:
             raise CheckpointCorrupt(f"{f}: {size} bytes, manifest says {info['size']}")
         if sha256_file(f) != info["sha256"]:
             raise CheckpointCorrupt(f"{f}: sha256 differs from the manifest")
+        if rel.endswith(".pt"):
+            scan_globals(f)
     return manifest
 
 
@@ -323,7 +374,11 @@ class CheckpointManager:
             except CheckpointCorrupt as e:
                 problems.append(str(e))
                 self.bad.append(path)
-        if steps or pointer:
+        # checkpoints moved aside as step_N.corrupt count too: never a silent fresh start
+        corrupt = sorted(p.name for p in self.root.glob("step_*.corrupt"))
+        if corrupt and not steps:
+            problems.append(f"only invalid checkpoints moved aside are left ({corrupt[-1]})")
+        if steps or pointer or corrupt:
             raise CheckpointError(
                 f"no valid checkpoint under {self.root}: "
                 + "; ".join(problems)
@@ -350,6 +405,26 @@ class CheckpointManager:
             os.rename(path, target)
             log.warning("checkpoint: moved invalid %s to %s", path, target.name)
         self.bad = []
+
+    def reject(self, ref: CheckpointRef, reason: str) -> CheckpointRef:
+        """Collective: ``ref`` verified but could not be loaded or holds an invalid resume
+        state (``reason``, one line naming the file): rank 0 moves it aside to
+        ``step_N.corrupt`` like a checkpoint that failed verification; every rank gets the
+        newest valid one left. Raises :class:`CheckpointError` when none is left."""
+        if dist.is_main():
+            target = ref.path.with_name(ref.path.name + ".corrupt")
+            log.warning("checkpoint: %s; moved %s to %s", reason, ref.path, target.name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(ref.path, target)
+        try:
+            found = self.find()
+        except CheckpointError as e:
+            raise CheckpointError(f"{reason}; {e}") from None
+        if found is None:
+            raise CheckpointError(f"{reason}; no valid checkpoint left under {self.root}")
+        if dist.is_main():
+            log.warning("checkpoint: resuming from %s instead", found.path)
+        return found
 
     def prune(self) -> None:
         """Keep the ``keep`` newest committed steps."""

@@ -55,7 +55,8 @@ class EngineConfig:
     """How the task is trained: ZeRO stage, precision, batch, clipping, optimizer, schedule."""
 
     micro_batch_per_rank: int = 8
-    """Samples per forward pass on each rank; the reader's ``batch_size`` must equal it."""
+    """Samples per forward pass on each rank; the reader's ``batch_size`` must equal it (at most
+    4096: every sample holds V x T frames)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     zero_stage: int = 0
@@ -75,7 +76,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "micro_batch_per_rank": self.micro_batch_per_rank >= 1,
+            "micro_batch_per_rank": 1 <= self.micro_batch_per_rank <= 4096,
             "grad_accum": self.grad_accum >= 1,
             "zero_stage": self.zero_stage in (0, 1, 2, 3),
             "precision": self.precision in PRECISIONS,

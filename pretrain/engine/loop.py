@@ -21,7 +21,8 @@ Exit codes (``TrainResult.exit_code`` and :func:`exit_code_for`):
 1   error (exception; message on stderr)
 65  stopped: ``nan_limit`` optimizer steps in a row had a non-finite loss; no final save
     (skipped steps never change the weights: the last checkpoint is good) (EX_DATAERR)
-74  a checkpoint could not be written (disk full, quota); the previous one is intact (EX_IOERR)
+74  a checkpoint, the metrics or the run's config.json could not be written (disk full, quota);
+    what was written before is intact (EX_IOERR)
 75  preempted (SIGUSR1 / SIGUSR2 / SIGTERM): checkpoint written, requeue me (EX_TEMPFAIL)
 ==  =====================================================================================
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -42,13 +44,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_shards.manifest import atomic_write_text
 from pretrain.engine import dist, preflight
 from pretrain.engine.checkpoint import (
+    CheckpointCorrupt,
     CheckpointError,
     CheckpointManager,
     CheckpointRef,
     CheckpointWriteError,
-    ResumeMismatch,
     install_safe_engine,
     refuse_unsafe_torch_load,
 )
@@ -58,6 +61,9 @@ from pretrain.engine.preemption import PreemptionFlag
 from pretrain.engine.runstate import (
     capture_rng,
     check_compatible,
+    check_loop_state,
+    check_reader_state,
+    check_rng_state,
     code_version,
     restore_rng,
     seed_everything,
@@ -72,6 +78,8 @@ EXIT_FAILED = 1
 EXIT_NONFINITE = 65
 EXIT_CHECKPOINT = 74
 EXIT_REQUEUE = 75
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""errno values of a write that failed for want of space (EFBIG: a file size limit)."""
 READER_ERROR_FIELDS = ("bad_samples", "bad_shards", "lost_samples")
 _RESERVED = {"skipped", "skipped_steps", "frames_per_s", "time_s"} | {
     f"reader_{k}" for k in READER_ERROR_FIELDS
@@ -153,8 +161,14 @@ class _State:
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The exit code an entry point should use for an exception out of :func:`train`."""
-    return EXIT_CHECKPOINT if isinstance(exc, CheckpointWriteError) else EXIT_FAILED
+    """The exit code an entry point should use for an exception out of :func:`train`: 74
+    (EX_IOERR) for a checkpoint that could not be written and for any write that ran out of
+    space (the metrics file, the run's config.json), else 1."""
+    if isinstance(exc, CheckpointWriteError):
+        return EXIT_CHECKPOINT
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return EXIT_CHECKPOINT
+    return EXIT_FAILED
 
 
 def _quiet_deepspeed() -> None:
@@ -258,7 +272,7 @@ def _train(
         if ref is None:
             seed_everything(train_cfg.seed, env.rank)
         engine = build_engine(task, engine_cfg, env.world_size)
-        state = _restore(ckpt.load(engine, ref), reader, env.rank, ref) if ref else _State()
+        state, ref = _resume(ckpt, engine, reader, ref, meta, train_cfg, engine_cfg.grad_accum)
         with MetricsLogger(
             out,
             dist.is_main(),
@@ -293,21 +307,62 @@ def _find_resumable(
         ref = None
     if dist.is_main():
         ckpt.root.parent.mkdir(parents=True, exist_ok=True)
-        (ckpt.root.parent / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+        _write_config(ckpt.root.parent / "config.json", json.dumps(meta, indent=1) + "\n")
     return ref
 
 
-def _restore(client: Mapping[str, Any], reader: Any, rank: int, ref: CheckpointRef) -> _State:
-    if CLIENT_KEY not in client:
-        raise CheckpointError(f"{ref.path}: no {CLIENT_KEY!r} state (not written by this engine)")
-    client = client[CLIENT_KEY]
-    ranks = client["ranks"]
-    if len(ranks) != dist.get_world_size():
-        raise ResumeMismatch(f"{ref.path}: saved by {len(ranks)} ranks")
-    mine = ranks[rank]
-    reader.load_state_dict(mine["reader"])
+def _write_config(path: Path, text: str) -> None:
+    """Replace the run's config.json atomically (``posebert export`` reads it; a full disk must
+    not leave it cut), and not at all when it already says the same."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if path.read_text() == text:
+            return
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e}; the previous one is unchanged",
+                      str(path)) from None  # fmt: skip
+
+
+def _resume(ckpt: CheckpointManager, engine: Any, reader: Any, ref: CheckpointRef | None,
+            meta: dict[str, Any], train_cfg: TrainConfig,
+            accum: int) -> tuple[_State, CheckpointRef | None]:  # fmt: skip
+    """Collective: load ``ref`` into the engine, the reader and the RNGs. A checkpoint that
+    verified against its manifest but will not load (a file rewritten behind a rewritten
+    manifest) or holds an invalid resume state is moved aside as ``step_N.corrupt`` with one
+    warning naming the file, and the next valid checkpoint is loaded (all ranks agree first);
+    none left is an error. Returns the state and the checkpoint actually resumed from."""
+    while ref is not None:
+        problem = None
+        try:
+            state = _restore(ckpt.load(engine, ref), reader, dist.get_rank(), ref, accum)
+        except CheckpointCorrupt as e:
+            problem = f"rank {dist.get_rank()}: {e}"
+        problems = [p for p in dist.all_gather_object(problem) if p]
+        if not problems:
+            return state, ref
+        ref = ckpt.reject(ref, problems[0])
+        check_compatible(ref.meta, meta, train_cfg.resume_may_change)
+    return _State(), None
+
+
+def _restore(client: Mapping[str, Any], reader: Any, rank: int, ref: CheckpointRef,
+             accum: int) -> _State:  # fmt: skip
+    """Check every field of the saved state against this run before applying any of it:
+    :class:`CheckpointCorrupt` naming the file and the field when one is wrong."""
+    try:
+        if not isinstance(client, Mapping) or CLIENT_KEY not in client:
+            raise ValueError(f"no {CLIENT_KEY!r} state (not written by this engine)")
+        ours = client[CLIENT_KEY]
+        check_loop_state(ours, ref.step, ref.meta.get("config"), dist.get_world_size())
+        mine = ours["ranks"][rank]
+        check_rng_state(mine["rng"])
+        check_reader_state(mine["reader"], reader, ref.step * accum)
+    except ValueError as e:
+        raise CheckpointCorrupt(f"{ref.client_file(rank)}: resume state {e}") from None
+    reader.load_state_dict(mine["reader"])  # a state of another stream: refused, naming it
     restore_rng(mine["rng"])
-    return _State(client["step"], client["skipped_steps"], client["bad_in_row"])
+    return _State(ours["step"], ours["skipped_steps"], ours["bad_in_row"])
 
 
 def _zero_loss(engine: Any) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Only rank 0 writes. On resume from step S, lines and events after S (written by the run that
 was killed before it could checkpoint them) are dropped first, so ``metrics.jsonl`` of a
-resumed run reads like the one of an uninterrupted run.
+resumed run reads like the one of an uninterrupted run. A write that fails (a full disk) raises
+an ``OSError`` naming the file; the lines already written stay as they were.
 """
 
 from __future__ import annotations
@@ -28,20 +29,39 @@ def _json_value(v: Any) -> Any:
     return v
 
 
+def _named(e: OSError, path: Path, note: str = "") -> OSError:
+    """``e`` with the file named (a failed ``write`` names none) and the errno kept, so the
+    loop can tell a full disk (exit 74) from other errors."""
+    return OSError(e.errno, f"{e.strerror or e}{note}", str(path))
+
+
 def truncate_after(path: Path, step: int) -> None:
-    """Keep the lines of a metrics file whose ``step`` is <= ``step`` (atomic rewrite)."""
+    """Keep the lines of a metrics file whose ``step`` is <= ``step`` (atomic rewrite through
+    ``metrics.jsonl.part``; nothing is written when no line goes). A failed rewrite removes the
+    part file and raises an ``OSError`` naming the metrics file, which is left unchanged."""
     if not path.exists():
         return
+    text = path.read_text()
     kept = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             if json.loads(line).get("step", 0) <= step:
                 kept.append(line)
         except json.JSONDecodeError:
             break  # a line cut by a kill: it and anything after it go
+    new = "".join(line + "\n" for line in kept)
+    if new == text:
+        return
     part = path.with_name(path.name + ".part")
-    part.write_text("".join(line + "\n" for line in kept))
-    os.replace(part, path)
+    try:
+        with open(part, "w") as f:
+            f.write(new)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise _named(e, path, f" (dropping lines after step {step}; it is unchanged)") from None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -65,13 +85,13 @@ class MetricsLogger:
         """``out_dir`` None: no file and no TensorBoard, the progress bar only."""
         self.enabled = enabled
         self._file = self._tb = self._bar = None
+        self._path = None if out_dir is None else out_dir / METRICS_FILE
         if not enabled:
             return
-        if out_dir is not None:
+        if self._path is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / METRICS_FILE
-            truncate_after(path, start_step)
-            self._file = open(path, "a")
+            truncate_after(self._path, start_step)
+            self._file = open(self._path, "a")
         if tensorboard and out_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -91,8 +111,11 @@ class MetricsLogger:
             return
         if self._file is not None:
             clean = {k: _json_value(v) for k, v in record.items()}
-            self._file.write(json.dumps(clean) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(clean) + "\n")
+                self._file.flush()
+            except OSError as e:
+                raise _named(e, self._path) from None
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -123,9 +146,12 @@ class MetricsLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
-        if self._file is not None:
-            self._file.close()
-        self._file = self._tb = self._bar = None
+        file, self._file, self._tb, self._bar = self._file, None, None, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as e:  # flushing the last lines on a full disk
+                raise _named(e, self._path) from None
 
     def __enter__(self) -> MetricsLogger:
         return self

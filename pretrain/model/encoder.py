@@ -26,18 +26,28 @@ Positional = Literal["conv", "relative", "rotary"]
 POSITIONAL = ("conv", "relative", "rotary")
 
 
+MAX_PARAMETERS = 2**31
+"""Most weights the transformer layers may hold (8 GiB in fp32; BERT-large has 0.3 billion):
+a config read from a file cannot make the process allocate without bound."""
+_BOUNDS = {"width": " (1..8192)", "depth": " (1..128)", "heads": " (1..128, dividing width)",
+           "ffn_mult": " (1..16)", "conv_kernel": " (1..1024)",
+           "max_relative": " (1..4096)"}  # fmt: skip
+
+
 @dataclasses.dataclass
 class EncoderConfig:
     """Shape of the sequence encoder and where its position information comes from."""
 
     width: int = 768
-    """D: width of the latents and of every layer."""
+    """D: width of the latents and of every layer (at most 8192)."""
     depth: int = 12
-    """Number of transformer layers."""
+    """Number of transformer layers (at most 128)."""
     heads: int = 12
-    """Attention heads per layer (must divide ``width``)."""
+    """Attention heads per layer (must divide ``width``; at most 128)."""
     ffn_mult: int = 4
-    """Feed-forward hidden width = ``ffn_mult * width``."""
+    """Feed-forward hidden width = ``ffn_mult * width`` (``ffn_mult`` at most 16). Together,
+    ``depth * (4 + 2 * ffn_mult) * width**2`` (the layers' weights) may not exceed
+    :data:`MAX_PARAMETERS`."""
     dropout: float = 0.1
     """Dropout on the input, after attention and in the feed-forward block."""
     attention_dropout: float = 0.1
@@ -46,12 +56,14 @@ class EncoderConfig:
     """'conv' (wav2vec2 convolutional embedding, default), 'relative' (DeBERTa disentangled
     attention) or 'rotary' (RoFormer). There is no absolute position table (issue 3)."""
     conv_kernel: int = 31
-    """Kernel of the convolutional embedding, in frames. wav2vec2 uses 128 at 50 Hz; our clips
-    are tens of frames, and a kernel much longer than a clip only adds parameters."""
+    """Kernel of the convolutional embedding, in frames (at most 1024). wav2vec2 uses 128 at
+    50 Hz; our clips are tens of frames, and a kernel much longer than a clip only adds
+    parameters."""
     conv_groups: int = 16
     """Groups of the convolutional embedding (must divide ``width``; wav2vec2: 16)."""
     max_relative: int = 64
-    """k of the 'relative' kind: distances are clipped to [-k, k - 1] (2k embeddings)."""
+    """k of the 'relative' kind: distances are clipped to [-k, k - 1] (2k embeddings; k at
+    most 4096)."""
     rotary_base: float = 10000.0
     """Base of the rotary frequencies (RoFormer)."""
     pre_norm: bool = True
@@ -62,16 +74,16 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "width": self.width >= 1,
-            "depth": self.depth >= 1,
-            "heads": self.heads >= 1 and self.width % self.heads == 0,
-            "ffn_mult": self.ffn_mult >= 1,
+            "width": 1 <= self.width <= 8192,
+            "depth": 1 <= self.depth <= 128,
+            "heads": 1 <= self.heads <= 128 and self.width % self.heads == 0,
+            "ffn_mult": 1 <= self.ffn_mult <= 16,
             "dropout": 0.0 <= self.dropout < 1.0,
             "attention_dropout": 0.0 <= self.attention_dropout < 1.0,
             "positional": self.positional in POSITIONAL,
-            "conv_kernel": self.conv_kernel >= 1,
+            "conv_kernel": 1 <= self.conv_kernel <= 1024,
             "conv_groups": self.conv_groups >= 1 and self.width % self.conv_groups == 0,
-            "max_relative": self.max_relative >= 1,
+            "max_relative": 1 <= self.max_relative <= 4096,
             "rotary_base": self.rotary_base > 1.0,
             "norm_eps": self.norm_eps > 0,
         }
@@ -79,7 +91,13 @@ class EncoderConfig:
             checks["heads"] = (self.width // self.heads) % 2 == 0  # rotary pairs channels
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"EncoderConfig.{name}: invalid value {getattr(self, name)!r}")
+                raise ValueError(f"EncoderConfig.{name}: invalid value {getattr(self, name)!r}"
+                                 f"{_BOUNDS.get(name, '')}")  # fmt: skip
+        weights = self.depth * (4 + 2 * self.ffn_mult) * self.width**2
+        if weights > MAX_PARAMETERS:
+            raise ValueError(f"EncoderConfig.depth: {self.depth} layers of width {self.width} "
+                             f"(ffn_mult {self.ffn_mult}) hold {weights:,} weights, more than "
+                             f"the {MAX_PARAMETERS:,} allowed")  # fmt: skip
 
     @property
     def head_dim(self) -> int:

@@ -34,7 +34,8 @@ class PoseBERTConfig:
     quantizer: QuantizerConfig = dataclasses.field(default_factory=QuantizerConfig)
     """Optional product quantizer of the targets."""
     proj_dim: int = 256
-    """P: width of the context and target vectors the contrastive loss compares."""
+    """P: width of the context and target vectors the contrastive loss compares (at most
+    8192)."""
     feature_dropout: float = 0.1
     """Dropout on the latents fed to the sequence encoder (not on the targets; wav2vec2)."""
     augment: ColorAugmentConfig = dataclasses.field(default_factory=ColorAugmentConfig)
@@ -51,7 +52,8 @@ class PoseBERTConfig:
         for name, kind in kinds.items():
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"PoseBERTConfig.{name}: expected a {kind.__name__}")
-        checks = {"proj_dim": self.proj_dim >= 1, "feature_dropout": 0 <= self.feature_dropout < 1}
+        checks = {"proj_dim": 1 <= self.proj_dim <= 8192,
+                  "feature_dropout": 0 <= self.feature_dropout < 1}  # fmt: skip
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"PoseBERTConfig.{name}: invalid value {getattr(self, name)!r}")

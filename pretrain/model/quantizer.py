@@ -26,11 +26,12 @@ class QuantizerConfig:
     enabled: bool = False
     """Quantize the targets (True) or use the unmasked latents as they are (False)."""
     groups: int = 2
-    """G: codebooks, one entry picked from each."""
+    """G: codebooks, one entry picked from each (at most 64)."""
     entries: int = 320
-    """V: entries per codebook."""
+    """V: entries per codebook (at most 16384; wav2vec 2.0: 320)."""
     dim: int = 256
-    """Width of a quantized vector (all groups concatenated; each group gets dim / G)."""
+    """Width of a quantized vector (all groups concatenated; each group gets dim / G; at most
+    4096): the codebooks hold ``entries * dim`` values."""
     temperature: tuple[float, float, float] = (2.0, 0.5, 0.999995)
     """Gumbel temperature (start, end, decay per step): ``max(start * decay**step, end)``."""
 
@@ -41,9 +42,9 @@ class QuantizerConfig:
             start, end, decay = self.temperature
             schedule_ok = 0 < end <= start and 0 < decay <= 1
         checks = {
-            "groups": self.groups >= 1,
-            "entries": self.entries >= 2,
-            "dim": self.dim >= 1 and self.dim % max(self.groups, 1) == 0,
+            "groups": 1 <= self.groups <= 64,
+            "entries": 2 <= self.entries <= 16384,
+            "dim": 1 <= self.dim <= 4096 and self.dim % max(self.groups, 1) == 0,
             "temperature": schedule_ok,
         }
         for name, ok in checks.items():

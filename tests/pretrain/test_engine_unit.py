@@ -280,9 +280,10 @@ class _Marker:
 
 
 def test_tampered_checkpoint_with_rewritten_manifest_runs_no_code(tmp_path):
-    """An attacker who rewrites a file *and* its manifest still cannot run code: every file
-    is loaded with weights_only=True."""
-    from pretrain.engine.checkpoint import SafeCheckpointEngine, verify
+    """An attacker who rewrites a file *and* its manifest still cannot run code: the manifest
+    check lists the file's pickle globals without unpickling, and every file is loaded with
+    weights_only=True; both refuse it in one line naming the file."""
+    from pretrain.engine.checkpoint import CheckpointCorrupt, SafeCheckpointEngine, verify
 
     marker = tmp_path / "pwned"
     assert pickle.loads(pickle.dumps(_Marker(str(marker)))) and marker.exists()  # payload works
@@ -299,9 +300,11 @@ def test_tampered_checkpoint_with_rewritten_manifest_runs_no_code(tmp_path):
         "sha256": sha256_file(evil),
     }
     (step / "manifest.json").write_text(json.dumps(manifest))
-    verify(step)  # the manifest matches: only the safe loader stands in the way
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointCorrupt, match="safe loader refuses"):
+        verify(step)  # sizes and hashes match: the scan of the pickle refuses it
+    with pytest.raises(CheckpointCorrupt, match="cannot be loaded safely") as err:
         SafeCheckpointEngine().load(str(evil))
+    assert str(err.value).startswith(str(evil)) and "\n" not in str(err.value)
     assert not marker.exists()
 
 

@@ -18,7 +18,10 @@ all the padding on the left, so the output for frame t reads frames <= t only.
 :func:`load_videopose3d` imports the published checkpoints (``pretrained_h36m_*.bin``: a dict
 with ``model_pos``, optionally ``model_traj``, ``epoch``, ``lr``, ``optimizer``,
 ``random_state``) with ``torch.load(weights_only=True)`` and an allow-list of the numpy types
-the random state holds; the architecture is read off the weight shapes.
+the random state holds; the architecture is read off the weight shapes. A file is input from
+elsewhere: every tensor must be contiguous with all its elements stored (a stride-0 tensor of a
+few bytes can claim any shape), and the shape read off it must lie within :class:`TCNShape`'s
+bounds, before any layer is built.
 """
 
 from __future__ import annotations
@@ -33,29 +36,50 @@ from torch import nn
 
 from finetune.heads.lift.base import check_fields
 
+MAX_CHANNELS = 4096
+MAX_BLOCKS = 8
+MAX_WIDTH = 9
+MAX_RECEPTIVE_FIELD = 6561  # 3^8
+MAX_JOINTS = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class TCNShape:
-    """The architecture (what a state dict alone does not say: ``causal``, ``dropout``)."""
+    """The architecture (what a state dict alone does not say: ``causal``, ``dropout``).
+    Bounded so a shape read off a file cannot make the process allocate without limit (the
+    published models: 1024 channels, 5 blocks of width 3)."""
 
     joints_in: int = 17
+    """Input joints (at most 256)."""
     joints_out: int = 17
-    """17 for the pose model; 1 for the trajectory model (the root's camera position)."""
+    """17 for the pose model; 1 for the trajectory model (the root's camera position); at most
+    256."""
     filter_widths: tuple[int, ...] = (3, 3, 3)
-    """Kernel of each block; the receptive field is their product (3,3,3: 27; 3^5: 243)."""
+    """Kernel of each block; the receptive field is their product (3,3,3: 27; 3^5: 243). At
+    most 8 blocks, odd widths of at most 9, a receptive field of at most 6561 frames."""
     channels: int = 1024
+    """Width of every block (at most 4096: a dilated 3-wide layer then holds 200 MB)."""
     dropout: float = 0.25
     causal: bool = False
     in_features: int = 2
+    """Values per input joint (2D: 2; at most 8)."""
 
     def __post_init__(self) -> None:
+        widths = self.filter_widths
         checks = {
-            "joints_in": self.joints_in >= 1, "joints_out": self.joints_out >= 1,
-            "filter_widths": len(self.filter_widths) >= 1
-            and all(w >= 1 and w % 2 == 1 for w in self.filter_widths),
-            "channels": self.channels >= 1, "dropout": 0 <= self.dropout < 1,
+            "joints_in": 1 <= self.joints_in <= MAX_JOINTS,
+            "joints_out": 1 <= self.joints_out <= MAX_JOINTS,
+            "filter_widths": 1 <= len(widths) <= MAX_BLOCKS
+            and all(1 <= w <= MAX_WIDTH and w % 2 == 1 for w in widths)
+            and math.prod(widths) <= MAX_RECEPTIVE_FIELD,
+            "channels": 1 <= self.channels <= MAX_CHANNELS, "dropout": 0 <= self.dropout < 1,
+            "in_features": 1 <= self.in_features <= 8,
         }  # fmt: skip
-        check_fields(self, checks, {"filter_widths": " (filter widths must be odd)"})
+        why = {"filter_widths": f" (1 to {MAX_BLOCKS} odd widths of at most {MAX_WIDTH}, a "
+                                f"receptive field of at most {MAX_RECEPTIVE_FIELD})",
+               "channels": f" (1..{MAX_CHANNELS})", "joints_in": f" (1..{MAX_JOINTS})",
+               "joints_out": f" (1..{MAX_JOINTS})"}  # fmt: skip
+        check_fields(self, checks, why)
 
     @property
     def receptive_field(self) -> int:
@@ -176,17 +200,45 @@ def _numpy_globals() -> list:
     return out
 
 
+def check_tensors(sd: dict) -> None:
+    """ValueError naming the first entry of ``sd`` that is not a tensor holding its elements:
+    non-contiguous (a stride-0 tensor of a few stored bytes claims any shape) or backed by
+    less storage than its shape needs."""
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} is a {type(t).__name__}, not a tensor")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: a {tuple(t.shape)} tensor with strides {t.stride()} "
+                             "(not contiguous: its elements are not all stored)")  # fmt: skip
+        need = (t.storage_offset() + t.numel()) * t.element_size()
+        have = t.untyped_storage().nbytes()
+        if have < need:
+            raise ValueError(f"{name}: a {tuple(t.shape)} tensor needs {need} bytes, its "
+                             f"storage holds {have}")  # fmt: skip
+
+
+def _conv_shape(sd: dict[str, torch.Tensor], key: str) -> tuple[int, int, int]:
+    shape = tuple(sd[key].shape)
+    if len(shape) != 3:
+        raise ValueError(f"{key} has shape {shape}; a Conv1d weight has 3 dimensions")
+    return shape
+
+
 def shape_from_state_dict(sd: dict[str, torch.Tensor], causal: bool = False,
                           in_features: int = 2) -> TCNShape:  # fmt: skip
-    """The architecture of a VideoPose3D state dict, read off its weight shapes."""
+    """The architecture of a VideoPose3D state dict, read off its weight shapes (and checked
+    against :class:`TCNShape`'s bounds: nothing is allocated for it yet)."""
     needed = ("expand_conv.weight", "shrink.weight")
     missing = [k for k in needed if k not in sd]
     if missing:
         raise ValueError(f"not a VideoPose3D state dict: no {', '.join(missing)}")
-    channels, width_in, w0 = sd["expand_conv.weight"].shape
+    channels, width_in, w0 = _conv_shape(sd, "expand_conv.weight")
     widths = [int(w0)]
     while f"layers_conv.{2 * (len(widths) - 1)}.weight" in sd:
-        widths.append(int(sd[f"layers_conv.{2 * (len(widths) - 1)}.weight"].shape[-1]))
+        if len(widths) >= MAX_BLOCKS:
+            raise ValueError(f"more than {MAX_BLOCKS} blocks (layers_conv.*); VideoPose3D "
+                             "models have at most 5")  # fmt: skip
+        widths.append(_conv_shape(sd, f"layers_conv.{2 * (len(widths) - 1)}.weight")[-1])
     return TCNShape(joints_in=int(width_in) // in_features,
                     joints_out=int(sd["shrink.weight"].shape[0]) // 3,
                     filter_widths=tuple(widths), channels=int(channels), dropout=0.25,
@@ -195,8 +247,10 @@ def shape_from_state_dict(sd: dict[str, torch.Tensor], causal: bool = False,
 
 def model_from_state_dict(sd: dict[str, torch.Tensor], causal: bool = False) -> TemporalModel:
     """A :class:`TemporalModel` (eval mode) holding ``sd``; BatchNorm's ``num_batches_tracked``
-    may be missing (checkpoints of PyTorch < 0.4.1)."""
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    may be missing (checkpoints of PyTorch < 0.4.1). Tensors and shapes are checked
+    (:func:`check_tensors`, :class:`TCNShape`'s bounds) before the model is built."""
+    sd = {str(k).removeprefix("module."): v for k, v in sd.items()}
+    check_tensors(sd)
     model = TemporalModel(shape_from_state_dict(sd, causal))
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
@@ -225,4 +279,7 @@ def load_videopose3d(path: str | os.PathLike, key: str = "model_pos", causal: bo
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), dict):
         have = ", ".join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: no {key!r} state dict in the checkpoint (has {have})")
-    return model_from_state_dict(ckpt[key], causal)
+    try:
+        return model_from_state_dict(ckpt[key], causal)
+    except ValueError as e:  # shapes out of bounds, stride-0 or short tensors, misfits
+        raise ValueError(f"{path}: {key}: {e}") from None

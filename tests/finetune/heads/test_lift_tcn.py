@@ -206,6 +206,65 @@ def test_a_file_holding_code_is_refused_in_one_line(tmp_path):
         load_videopose3d(tmp_path / "missing.bin")
 
 
+def _huge_stride0(sd: dict) -> dict:
+    """20,000 channels claimed by stride-0 tensors: a few stored bytes, 4.8 GB per layer."""
+    sd = dict(sd)
+    sd["expand_conv.weight"] = torch.zeros(1).expand(20000, 34, 3)
+    sd["layers_conv.0.weight"] = torch.zeros(1).expand(20000, 20000, 3)
+    return sd
+
+
+def _shrunk_record(path: Path) -> None:
+    """Cut the stored bytes of the first tensor below what its shape claims."""
+    import zipfile
+
+    src = zipfile.ZipFile(path)
+    items = [(info, src.read(info.filename)) for info in src.infolist()]
+    src.close()
+    with zipfile.ZipFile(path, "w") as out:
+        for info, data in items:
+            out.writestr(info, data[:8] if info.filename.endswith("/data/0") else data)
+
+
+def _blocks(n: int) -> dict:
+    sd = _videopose3d_state_dict((3,), channels=1)
+    for i in range(n):
+        sd[f"layers_conv.{2 * i}.weight"] = torch.zeros(1, 1, 3)
+    return sd
+
+
+@pytest.mark.parametrize("name, make, needle", [
+    ("stride0", lambda: _huge_stride0(_videopose3d_state_dict((3, 3), 8)), "not contiguous"),
+    ("channels", lambda: {**_videopose3d_state_dict((3,), 8),
+                          "expand_conv.weight": torch.zeros(5000, 34, 3)}, "channels"),
+    ("kernel", lambda: _videopose3d_state_dict((11,), 4), "filter_widths"),
+    ("blocks", lambda: _blocks(12), "more than 8 blocks"),
+    ("not-a-tensor", lambda: {**_videopose3d_state_dict((3,), 4), "shrink.bias": [1.0]},
+     "not a tensor"),
+    ("conv-rank", lambda: {**_videopose3d_state_dict((3,), 4),
+                           "expand_conv.weight": torch.zeros(4, 34)}, "3 dimensions"),
+    ("short-storage", lambda: _videopose3d_state_dict((3,), 4), "expected size"),
+])  # fmt: skip
+def test_a_hostile_checkpoint_is_refused_before_any_layer_is_built(tmp_path, monkeypatch, name,
+                                                                   make, needle):  # fmt: skip
+    """Shapes are bounded and tensors must hold their elements before the model is built (the
+    stride-0 file used to allocate 4.8 GB per layer); one line naming the file."""
+    import finetune.heads.lift.videopose3d as vp
+
+    path = tmp_path / f"{name}.bin"
+    torch.save({"model_pos": make()}, path)
+    if name == "short-storage":
+        _shrunk_record(path)
+    assert path.stat().st_size < 5_000_000
+    built = []
+    monkeypatch.setattr(vp.TemporalModel, "__init__", lambda self, shape: built.append(shape))
+    with pytest.raises(ValueError) as err:
+        load_videopose3d(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and needle in message and "\n" not in message, message
+    assert not built
+
+
 # ---------------------------------------------------------------------- training
 
 
