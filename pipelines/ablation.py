@@ -237,7 +237,7 @@ def markdown(results: dict) -> str:
         lines += md_table(["encoder", "retrieval top-1 MPJPE", "P-MPJPE", "gap closed",
                            "linear probe MPJPE"], rows)  # fmt: skip
         lines.append("")
-    lines += ["Commands (after the two `shards synth` runs):", ""]
+    lines += ["Commands (after the `shards synth` runs):", ""]
     for variant, commands in results["commands"].items():
         lines.append(f"- {variant}:")
         lines += [f"  `{c}`" for c in commands]
