@@ -9,7 +9,9 @@ An encoder directory is input from elsewhere: :func:`load_encoder` checks its co
 every field within the bounds documented beside it, ``input.size`` at most
 :data:`pretrain.config.MAX_IMAGE_SIZE`), reads the safetensors file, refuses NaN or infinite
 weights and weights that do not fit the config; every failure is one :class:`EncoderError`
-line naming the file.
+line naming the file. The fine-tuned heads' loaders (:func:`finetune.heads.pose.load_head`,
+:func:`finetune.heads.future.load_model`) read their files with the same helpers
+(:func:`read_json`, :func:`encoder_config`, :func:`read_weights`, :func:`fit`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save
 
 from data_shards.configtools import from_dict, to_dict
 from data_shards.manifest import fsync_path
+from data_shards.untrusted import MAX_JSON_DEPTH, brief, json_depth_ok
 from pretrain.config import MAX_IMAGE_SIZE
 from pretrain.engine.checkpoint import (
     CheckpointCorrupt,
@@ -43,11 +46,13 @@ log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 _PREFIX = "model."  # PretrainTask keeps PoseBERT as .model
+MAX_JSON_BYTES = 1024**2
+"""Largest model config file read (the ones written here are a few KB)."""
 
 
 class EncoderError(ValueError):
-    """An exported encoder (or the checkpoint it is made from) that cannot be used; the one-line
-    message names the file."""
+    """An exported encoder (or the checkpoint it is made from, or a fine-tuned head saved with
+    one) that cannot be used; the one-line message names the file."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -218,31 +223,79 @@ def fit(model: torch.nn.Module, weights: dict[str, torch.Tensor],
     model.load_state_dict(weights)
 
 
+def read_json(file: str | os.PathLike) -> Any:
+    """The parsed content of a JSON file from elsewhere: :class:`EncoderError` naming it when
+    it is over :data:`MAX_JSON_BYTES` (never read further), not UTF-8 JSON or nested deeper
+    than :data:`data_shards.untrusted.MAX_JSON_DEPTH`."""
+    with open(file, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)  # the file may grow after a stat: read no more
+    if len(data) > MAX_JSON_BYTES:
+        raise EncoderError(f"{file}: more than the {MAX_JSON_BYTES:,} bytes a model config "
+                           "may hold")  # fmt: skip
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise EncoderError(f"{file}: not valid JSON ({_first_line(e)})") from None
+    if not json_depth_ok(value):
+        raise EncoderError(f"{file}: nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def check_fields(meta: Any, known: tuple[str, ...], required: tuple[str, ...],
+                 file: str | os.PathLike, what: str) -> dict[str, Any]:  # fmt: skip
+    """``meta`` when it is a JSON object holding every ``required`` field and no field outside
+    ``known``; :class:`EncoderError` naming the file (``what`` it should be) and the first
+    unknown or missing field otherwise (a field name that is not an identifier is quoted, so
+    it cannot forge a line)."""
+    if not isinstance(meta, dict):
+        raise EncoderError(f"{file}: not {what}'s JSON object")
+    unknown = sorted(set(meta) - set(known))
+    missing = [k for k in required if k not in meta]
+    if unknown:
+        key = unknown[0] if unknown[0].isidentifier() else brief(unknown[0])
+        raise EncoderError(f"{file}: {key}: unknown field (fields: {', '.join(known)})")
+    if missing:
+        raise EncoderError(f"{file}: no {missing[0]!r} (fields: {', '.join(known)})")
+    return meta
+
+
+def encoder_config(model: Any, file: str | os.PathLike, path: str = "model") -> PoseBERTConfig:
+    """The encoder config in section ``path`` of ``file``, every field within the bounds
+    documented beside it; :class:`EncoderError` naming the file and the field otherwise. A
+    backbone weights path in it is dropped (:func:`_no_backbone_file`)."""
+    if not isinstance(model, dict):
+        raise EncoderError(f"{file}: {path} is {type(model).__name__}, not a mapping")
+    try:
+        return from_dict(PoseBERTConfig, _no_backbone_file(model), path)
+    except ValueError as e:
+        raise EncoderError(f"{file}: {_first_line(e)}") from None
+
+
 def read_encoder_config(path: str | os.PathLike) -> tuple[PoseBERTConfig, int | None]:
     """(model config, input size) of an exported encoder's ``config.json``, every value
     checked; :class:`EncoderError` naming the file otherwise. A backbone weights path in it is
     dropped (:func:`_no_backbone_file`)."""
     file = Path(path) / CONFIG
-    try:
-        meta = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise EncoderError(f"{file}: not valid JSON ({_first_line(e)})") from None
+    meta = read_json(file)
     model = meta.get("model") if isinstance(meta, dict) else None
     if not isinstance(model, dict):
         raise EncoderError(f"{file}: no 'model' section (write one with posebert export)")
-    try:
-        cfg = from_dict(PoseBERTConfig, _no_backbone_file(model), "model")
-    except ValueError as e:
-        raise EncoderError(f"{file}: {_first_line(e)}") from None
+    cfg = encoder_config(model, file)
     section = meta.get("input")
     if section is not None and not isinstance(section, dict):
-        raise EncoderError(f"{file}: input is {section!r}, not a mapping")
-    size = (section or {}).get("size")
+        raise EncoderError(f"{file}: input is {brief(section)}, not a mapping")
+    return cfg, check_input_size((section or {}).get("size"), file, "input.size")
+
+
+def check_input_size(size: Any, file: str | os.PathLike, name: str) -> int | None:
+    """``size`` (the side frames are resized to, or None) when it is one of 1 ..
+    :data:`pretrain.config.MAX_IMAGE_SIZE` pixels; :class:`EncoderError` naming the file and
+    the field ``name`` otherwise."""
     if size is not None and not (isinstance(size, int) and not isinstance(size, bool)
                                  and 1 <= size <= MAX_IMAGE_SIZE):  # fmt: skip
-        raise EncoderError(f"{file}: input.size {size!r} is not a side of 1..{MAX_IMAGE_SIZE} "
+        raise EncoderError(f"{file}: {name} {brief(size)} is not a side of 1..{MAX_IMAGE_SIZE} "
                            "pixels or null")  # fmt: skip
-    return cfg, size
+    return size
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -3,9 +3,14 @@
 Used by ``posebert pretrain --nproc-per-node N``. Each child gets RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT (read back by
 :class:`pretrain.engine.dist.DistEnv`). Unlike a ``torchrun`` agent, which dies on SIGUSR1
-without telling its workers, this launcher forwards SIGUSR1, SIGUSR2 and
-SIGTERM to every rank (SIGINT as SIGTERM; a second SIGINT kills), so the ranks checkpoint and
-exit with the requeue code together.
+without telling its workers, this launcher forwards SIGUSR1, SIGUSR2, SIGTERM and SIGHUP to
+every rank (SIGINT as SIGTERM), so the ranks checkpoint and exit with the requeue code together.
+Every repeat is forwarded too and the ranks ignore it: a burst of signals (Slurm's warning then
+its SIGTERM, an impatient Ctrl-C) never cuts the checkpoint they are writing; a second SIGINT
+used to kill every rank mid-save (issue 16). SIGQUIT (Ctrl-\\) is the way to stop at once: it
+kills every rank's process group (an uncommitted checkpoint is ignored by the next run). Once
+the ranks have exited, :func:`relaunch` ignores these signals, so a late one cannot turn the
+ranks' exit code into 143.
 
 Rank 0 writes straight to the terminal (its progress bar stays intact); the other ranks'
 output is prefixed with ``[rank R]``. When a rank exits non-zero, the others get ``grace_s``
@@ -30,6 +35,10 @@ from pretrain.engine.dist import free_port
 from pretrain.signals import EARLY_SIGNAL_ENV, early_signal
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP)
+HANDLED = (*FORWARDED, signal.SIGINT)
+"""Signals the ranks act on (SIGINT reaches them as SIGTERM), however often they arrive."""
+STOP_NOW = signal.SIGQUIT
+"""Kills every rank's process group at once, checkpoint or not."""
 
 
 def rank_env(base: Mapping[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
@@ -73,17 +82,17 @@ def _kill_group(p: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def _forward_signals(procs: list[subprocess.Popen]) -> Iterator[None]:
-    interrupts = 0
+def _forward_signals(procs: list[subprocess.Popen], then_ignore: bool = False) -> Iterator[None]:
+    """Forward signals to the ranks while the body runs; then restore the previous handlers,
+    or with ``then_ignore`` ignore those signals (the process only exits afterwards: a Python
+    handler is reset to the default action, death, while the interpreter shuts down)."""
 
     def forward(signum: int, frame: object) -> None:
-        nonlocal interrupts
+        if signum == STOP_NOW:
+            for p in procs:
+                _kill_group(p)
+            return
         if signum == signal.SIGINT:
-            interrupts += 1
-            if interrupts > 1:
-                for p in procs:
-                    _kill_group(p)
-                return
             signum = signal.SIGTERM
         for p in procs:
             if p.poll() is None:
@@ -91,13 +100,13 @@ def _forward_signals(procs: list[subprocess.Popen]) -> Iterator[None]:
                     p.send_signal(signum)
 
     in_main = threading.current_thread() is threading.main_thread()
-    handled = (*FORWARDED, signal.SIGINT) if in_main else ()
+    handled = (*HANDLED, STOP_NOW) if in_main else ()
     previous = {s: signal.signal(s, forward) for s in handled}
     try:
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if then_ignore else handler)
 
 
 def _supervise(procs: list[subprocess.Popen], grace_s: float, poll_s: float) -> int:
@@ -140,10 +149,13 @@ def launch_local(
     env: Mapping[str, str] | None = None,
     grace_s: float = 10.0,
     poll_s: float = 0.1,
+    exiting: bool = False,
 ) -> int:
     """Run ``argv`` (a full command line, e.g. ``[sys.executable, "-m", "posebert.cli",
     "pretrain", ...]``) as ranks 0..nproc-1 on this machine; return 0 when every rank
-    succeeded, else the code of the first rank that failed (named on stderr)."""
+    succeeded, else the code of the first rank that failed (named on stderr). ``exiting``:
+    the caller exits with that code, so the forwarded signals stay ignored afterwards (a late
+    one cannot turn the ranks' 75 into 143)."""
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if not argv:
@@ -173,7 +185,7 @@ def launch_local(
                 )
                 t.start()
                 pumps.append(t)
-        with _forward_signals(procs):
+        with _forward_signals(procs, then_ignore=exiting):
             return _supervise(procs, grace_s, poll_s)
     finally:
         for p in procs:
@@ -201,4 +213,4 @@ def relaunch(nproc: int, argv: Sequence[str] | None = None) -> int | None:
             skip = a == "--nproc-per-node"
             continue
         args.append(a)
-    return launch_local(nproc, [sys.executable, "-m", "posebert", *args])
+    return launch_local(nproc, [sys.executable, "-m", "posebert", *args], exiting=True)

@@ -285,10 +285,11 @@ def _train(
                 metrics.note(f"resumed from {ref.path} (step {ref.step})")
             loop = _Loop(engine, reader, train_cfg, engine_cfg, ckpt, meta, metrics, flag, env)
             result = loop.run(state, ref)
-    if result.exit_code == EXIT_REQUEUE:
-        # The checkpoint is committed and the decision made: a late SIGTERM (srun's
-        # --kill-on-bad-exit reacts to the first rank's 75) must not turn 75 into 143.
-        flag.ignore_from_now()
+        if result.exit_code == EXIT_REQUEUE:
+            # The checkpoint is committed and the decision made: a late SIGTERM (srun's
+            # --kill-on-bad-exit reacts to the first rank's 75) must not turn 75 into 143.
+            # Still inside the block: no default handler comes back in between.
+            flag.ignore_from_now()
     return result
 
 

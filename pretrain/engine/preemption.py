@@ -40,9 +40,12 @@ class PreemptionFlag:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def ignore_from_now(self) -> None:
-        """Ignore these signals for the rest of the process (once it is exiting anyway)."""
+        """Ignore these signals for the rest of the process (once it is exiting anyway); leaving
+        the ``with`` block then restores nothing, so no default handler (a KeyboardInterrupt,
+        death by SIGTERM) is back in force for even an instant before the process exits."""
         for s in self.signals:
             signal.signal(s, signal.SIG_IGN)
+        self._previous.clear()
 
     def __enter__(self) -> PreemptionFlag:
         for s in self.signals:

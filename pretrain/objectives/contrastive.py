@@ -43,6 +43,10 @@ from pretrain.objectives.negatives import (
     sample_negatives,
 )
 
+MAX_DIVERSITY_WEIGHT = 100.0
+"""A thousand times wav2vec 2.0's 0.1: beyond it the diversity term is the whole loss (and an
+infinite weight makes every step non-finite)."""
+
 _MASKED_LOGIT = -1e9
 """Logit of an unusable distractor slot: exp() is exactly 0 in float32 and, unlike -inf, a row
 with no usable distractor still has a finite gradient."""
@@ -53,7 +57,7 @@ class ContrastiveConfig:
     """The contrastive objective (and the weight of the quantizer's diversity term)."""
 
     temperature: float = 0.1
-    """tau: cosine similarities are divided by it (wav2vec 2.0 uses 0.1)."""
+    """tau: cosine similarities are divided by it (wav2vec 2.0 uses 0.1); in (0, 10]."""
 
     negatives: NegativeConfig = field(default_factory=NegativeConfig)
     """How the distractors are sampled."""
@@ -67,7 +71,7 @@ class ContrastiveConfig:
 
     diversity_weight: float = 0.1
     """alpha: total = contrastive + alpha * diversity, when a quantizer supplies a diversity loss
-    (wav2vec 2.0 uses 0.1)."""
+    (wav2vec 2.0 uses 0.1); in [0, 100] (:data:`MAX_DIVERSITY_WEIGHT`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.negatives, NegativeConfig):
@@ -76,8 +80,9 @@ class ContrastiveConfig:
             raise ValueError(f"temperature must be in (0, 10], got {self.temperature!r}")
         if self.multi_positive not in ("mean", "sum"):
             raise ValueError(f"multi_positive must be 'mean' or 'sum', got {self.multi_positive!r}")
-        if not self.diversity_weight >= 0:
-            raise ValueError(f"diversity_weight must be >= 0, got {self.diversity_weight!r}")
+        if not 0 <= self.diversity_weight <= MAX_DIVERSITY_WEIGHT:
+            raise ValueError(f"diversity_weight must be in [0, {MAX_DIVERSITY_WEIGHT:g}], "
+                             f"got {self.diversity_weight!r}")  # fmt: skip
 
 
 def _check_shapes(context: Tensor, targets: Tensor, mask: Tensor, pose3d: Tensor | None) -> None:

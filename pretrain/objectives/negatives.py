@@ -25,12 +25,20 @@ import torch
 from torch import Tensor
 
 from data_shards.skeleton import ROOT
+from data_shards.untrusted import brief
 
 GatherFn = Callable[[Tensor], Tensor]
 """Concatenates a tensor from every rank along dim 0, in rank order, keeping the gradient of the
 local part (the engine's all-gather). The identity is the single-process case."""
 
 KINDS = ("uniform", "gt_pose", "cosine")
+MAX_NEGATIVES = 4096
+"""Most distractors per masked frame: every step gathers an (anchors, K, P) tensor of their
+targets (and (anchors, K, J, 3) poses for ``gt_pose``), so K is bounded like the sizes of the
+model."""
+MAX_POSE_THRESHOLD_MM = 10_000.0
+"""10 m: two root-relative poses of one body are never that far apart, so a larger threshold
+would leave ``gt_pose`` without a single candidate."""
 
 
 def identity_gather(x: Tensor) -> Tensor:
@@ -50,12 +58,14 @@ class NegativeConfig:
     anchor's target (hard negatives), skipping those above ``cosine_cutoff``."""
 
     num: int = 100
-    """K, distractors per masked frame (wav2vec 2.0 uses 100). Fewer when the pool runs out."""
+    """K, distractors per masked frame (wav2vec 2.0 uses 100; at most :data:`MAX_NEGATIVES`,
+    4096). Fewer when the pool runs out."""
 
     pose_threshold_mm: float = 50.0
     """Root-relative MPJPE (mm) at or below which two poses count as the same pose: ``gt_pose``
     takes only candidates strictly beyond it, and ``negative_purity`` is measured with it for
-    every sampler. 50 mm is about a third of the MPJPE between two random Human3.6M poses."""
+    every sampler. 50 mm is about a third of the MPJPE between two random Human3.6M poses.
+    In (0, 10000] (:data:`MAX_POSE_THRESHOLD_MM`)."""
 
     hardest: bool = False
     """``gt_pose`` only: take the K candidates closest in pose beyond the threshold instead of K
@@ -81,10 +91,13 @@ class NegativeConfig:
                              "already come from the anchor's own sequence)")  # fmt: skip
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
-        if isinstance(self.num, bool) or not isinstance(self.num, int) or self.num < 1:
-            raise ValueError(f"num must be an int >= 1, got {self.num!r}")
-        if not self.pose_threshold_mm > 0:
-            raise ValueError(f"pose_threshold_mm must be > 0, got {self.pose_threshold_mm!r}")
+        if (isinstance(self.num, bool) or not isinstance(self.num, int)
+                or not 1 <= self.num <= MAX_NEGATIVES):  # fmt: skip
+            raise ValueError(f"num must be an int >= 1 and <= {MAX_NEGATIVES}, "
+                             f"got {brief(self.num)}")  # fmt: skip
+        if not 0 < self.pose_threshold_mm <= MAX_POSE_THRESHOLD_MM:
+            raise ValueError(f"pose_threshold_mm must be in (0, {MAX_POSE_THRESHOLD_MM:g}], "
+                             f"got {brief(self.pose_threshold_mm)}")  # fmt: skip
         if not -1.0 < self.cosine_cutoff <= 1.0:
             raise ValueError(f"cosine_cutoff must be in (-1, 1], got {self.cosine_cutoff!r}")
         if self.hardest and self.kind != "gt_pose":

@@ -220,6 +220,22 @@ def test_launch_local_sets_env_and_names_a_dead_rank(tmp_path):
     assert f"[rank 1] 1 1 2 127.0.0.1 {port}" in lines
 
 
+def _launch_two(child) -> subprocess.Popen:
+    """``launch_local`` running two ranks of the script ``child``, in a subprocess."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pretrain.engine.launch import launch_local; "
+            f"sys.exit(launch_local(2, [sys.executable, {str(child)!r}]))",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_launch_local_forwards_preemption_signals(tmp_path):
     child = tmp_path / "child.py"
     child.write_text(
@@ -235,18 +251,7 @@ def test_launch_local_forwards_preemption_signals(tmp_path):
         sys.exit(1)
     """)
     )
-    launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pretrain.engine.launch import launch_local; "
-            f"sys.exit(launch_local(2, [sys.executable, {str(child)!r}]))",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    launcher = _launch_two(child)
     try:
         deadline = time.monotonic() + 60
         while not all((tmp_path / f"ready{r}").exists() for r in range(2)):
@@ -260,17 +265,57 @@ def test_launch_local_forwards_preemption_signals(tmp_path):
     assert "launch_local" not in err  # every rank exited 75 together: nothing to report
 
 
+def test_launch_local_forwards_every_repeat_and_only_sigquit_kills(tmp_path):
+    """A burst of INT/TERM reaches every rank (INT as TERM) and kills nothing: a second SIGINT
+    used to kill every rank, mid-checkpoint too. SIGQUIT kills every rank at once."""
+    child = tmp_path / "child.py"
+    child.write_text(
+        textwrap.dedent(f"""
+        import os, signal, time
+        log = os.path.join({str(tmp_path)!r}, "got" + os.environ["RANK"])
+        def note(s, f):
+            with open(log, "a") as out:
+                out.write(signal.Signals(s).name + "\\n")
+        signal.signal(signal.SIGTERM, note)
+        open(os.path.join({str(tmp_path)!r}, "ready" + os.environ["RANK"]), "w").close()
+        time.sleep(120)
+    """)
+    )
+    launcher = _launch_two(child)
+    got = [tmp_path / f"got{r}" for r in range(2)]
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready{r}").exists() for r in range(2)):
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.05)
+        for s in (signal.SIGINT, signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+            launcher.send_signal(s)
+            time.sleep(0.2)
+        while not all(f.exists() and len(f.read_text().split()) == 4 for f in got):
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.05)
+        assert launcher.poll() is None  # every rank still running
+        launcher.send_signal(signal.SIGQUIT)
+        _, err = launcher.communicate(timeout=30)
+    finally:
+        launcher.kill()
+    assert [f.read_text().split() for f in got] == [["SIGTERM"] * 4] * 2
+    assert launcher.returncode == 128 + signal.SIGKILL, err
+
+
 def test_relaunch_reruns_the_command_line_without_the_flag_only_outside_a_launcher(monkeypatch):
     """One relaunch helper for every ``--nproc-per-node``: the same command as N ranks, never
     from inside a rank (torchrun, srun), and not for N = 1."""
     from pretrain.engine import launch
 
     seen = {}
-    monkeypatch.setattr(launch, "launch_local", lambda n, argv: seen.update(n=n, argv=argv) or 0)
+    monkeypatch.setattr(launch, "launch_local", lambda n, argv, **kw: seen.update(n=n, argv=argv,
+                                                                                **kw) or 0)
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     argv = ["evaluate", "retrieval", "--nproc-per-node", "2", "--k", "3", "--nproc-per-node=2"]
     assert launch.relaunch(2, argv) == 0 and seen["n"] == 2
+    assert seen["exiting"]  # the command exits next: late signals stay ignored
     assert seen["argv"][1:] == ["-m", "posebert", "evaluate", "retrieval", "--k", "3"]
     assert launch.relaunch(1, argv) is None
     monkeypatch.setenv("RANK", "1")
@@ -289,3 +334,17 @@ def test_preemption_flag_only_records():
         time.sleep(0.05)
         assert flag.set and flag.name == "SIGUSR2"  # the first one is kept
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_flag_told_to_ignore_restores_no_handler_on_exit():
+    """Once the run has decided to exit 75, leaving the block must not bring back the default
+    handlers for an instant (SIGINT's KeyboardInterrupt, death by SIGTERM)."""
+    flag = PreemptionFlag((signal.SIGUSR1, signal.SIGUSR2))
+    before = {s: signal.getsignal(s) for s in flag.signals}
+    try:
+        with flag:
+            flag.ignore_from_now()
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in flag.signals)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

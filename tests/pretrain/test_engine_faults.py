@@ -297,6 +297,9 @@ def test_full_disk_at_resume_start_exits_74_and_loses_nothing(tmp_path, monkeypa
     ("model.proj_dim=100000", "PoseBERTConfig.proj_dim"),
     ("model.quantizer.entries=1000000", "QuantizerConfig.entries"),
     ("engine.micro_batch_per_rank=100000", "micro_batch_per_rank"),
+    ("objective.negatives.num=100000000", "objective.negatives: num must be an int >= 1 and <= "
+                                          "4096, got 100000000"),
+    ("objective.negatives.num=4096", ""),
 ])  # fmt: skip
 def test_sizes_that_allocate_are_bounded_in_one_line(capsys, override, needle):
     """`--set data.size=100000` used to end in `MemoryError:` with no message, mid-run."""

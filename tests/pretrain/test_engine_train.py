@@ -219,9 +219,8 @@ def run(shards: Path, out: Path, *args: str, nproc: int = 1) -> subprocess.Compl
     try:
         stdout, stderr = p.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        for _ in range(2):  # the launcher: forward SIGTERM, then kill every rank's group
-            p.send_signal(signal.SIGINT)
-            time.sleep(1)
+        p.send_signal(signal.SIGQUIT)  # the launcher kills every rank's group
+        time.sleep(1)
         p.kill()
         stdout, stderr = p.communicate()
         pytest.fail(f"run timed out after {RUN_TIMEOUT_S} s: {cmd}\n{stderr[-3000:]}")

@@ -458,12 +458,29 @@ def test_same_window_off_keeps_the_samplers_draws():
         ({"negatives": {"same_window": 0.5}}, "same_window needs kind 'gt_pose' or 'cosine'"),
         ({"temperature": 0}, "temperature must be in (0, 10]"),
         ({"negatives": {"negative_count": 3}}, "negatives.negative_count: unknown field"),
+        # upper bounds (issue 16): K sizes an (anchors, K, P) tensor every step
+        ({"negatives": {"num": 10**8}},
+         "negatives: num must be an int >= 1 and <= 4096, got 100000000"),
+        ({"negatives": {"num": 4097}}, "negatives: num must be an int >= 1 and <= 4096"),
+        ({"negatives": {"pose_threshold_mm": 1e9}},
+         "negatives: pose_threshold_mm must be in (0, 10000], got 1000000000.0"),
+        ({"negatives": {"pose_threshold_mm": float("inf")}}, "pose_threshold_mm must be in"),
+        ({"negatives": {"pose_threshold_mm": float("nan")}}, "pose_threshold_mm must be in"),
+        ({"diversity_weight": float("inf")}, "diversity_weight must be in [0, 100], got inf"),
+        ({"diversity_weight": 101}, "diversity_weight must be in [0, 100]"),
+        ({"temperature": float("nan")}, "temperature must be in (0, 10]"),
     ],
-)
+)  # fmt: skip
 def test_bad_config_names_the_field(data, message):
     with pytest.raises(ConfigError) as info:
         from_dict(ContrastiveConfig, data)
-    assert message in str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_config_bounds_admit_their_limits():
+    cfg = from_dict(ContrastiveConfig, {"diversity_weight": 100, "negatives": {
+        "num": 4096, "pose_threshold_mm": 10000}})  # fmt: skip
+    assert cfg.negatives.num == 4096
 
 
 def test_gt_pose_without_poses_fails_clearly():

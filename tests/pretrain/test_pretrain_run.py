@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -197,3 +198,58 @@ def test_a_preemption_signal_at_any_moment_checkpoints_and_asks_for_a_requeue(sh
     r = posebert(*args[3:-1], f"train.max_steps={step + 2}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(losses(run)) == step + 2  # resumed where the signal stopped it
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_burst_of_signals_while_saving_never_cuts_the_checkpoint(shards, tmp_path, nproc):
+    """SIGUSR1, then INT/TERM/HUP/USR1 every few ms from the moment the checkpoint's .tmp
+    directory appears until the process exits (through ``--nproc-per-node 2``'s launcher too,
+    which used to kill every rank on the second SIGINT, mid-save): the save completes, the run
+    exits 75 with no traceback, and the same command resumes from that checkpoint."""
+    import itertools
+    import signal
+    import time
+
+    from pretrain.engine.checkpoint import CheckpointManager
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "posebert", "pretrain", "--recipe", "debug_cpu", "--out",
+            str(run), "--set", f"data.train={shards / 'train'}", "--set", "train.progress=false",
+            "--set", "train.checkpoint_every=1000", "--nproc-per-node", str(nproc),
+            "--set", "engine.micro_batch_per_rank=2", "--set", "train.max_steps=200"]  # fmt: skip
+    log = tmp_path / "log.txt"  # a file, not a pipe nobody reads while signals are sent
+    with log.open("w") as sink:
+        p = subprocess.Popen(args, env=ENV, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline and p.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        p.send_signal(signal.SIGUSR1)
+        tmp = lambda: any((run / "checkpoints").glob("step_*.tmp"))  # noqa: E731
+        while not tmp():
+            assert time.monotonic() < deadline and p.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.001)
+        burst = itertools.cycle([signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
+        during = 0  # sent while the checkpoint was being written (.tmp there before and after)
+        while p.poll() is None and time.monotonic() < deadline:
+            saving = tmp()
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(next(burst))
+            during += saving and tmp()
+            time.sleep(0.003)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None and nproc > 1:
+            p.send_signal(signal.SIGQUIT)  # the launcher kills its ranks
+            p.wait(timeout=10)
+        p.kill()
+    out = log.read_text()
+    assert p.returncode == 75, out[-3000:]
+    assert during >= 2 and "Traceback" not in out and "preempted (SIGUSR1)" in out, out[-3000:]
+    ref, problems = CheckpointManager(run).resolve()
+    assert ref is not None and not problems and _checkpoints(run) == [ref.path.name]
+    r = posebert(*args[3:-1], f"train.max_steps={ref.step + 1}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"resumed from {ref.path}" in r.stdout + r.stderr
+    assert len(losses(run)) == ref.step + 1

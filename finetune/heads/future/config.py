@@ -5,10 +5,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from data_shards.untrusted import brief
 from finetune.loop import OptimConfig
 from pretrain.engine.schedules import LRSchedule
+from pretrain.model.encoder import MAX_PARAMETERS
 
 HORIZONS_MS = (80, 160, 320, 400, 560, 1000)
+MAX_FRAMES = 4096
+"""Most positions a Pose-GPT holds (seed plus the longest horizon; 80 s at 50 fps): its
+position table and a forecast's key/value cache grow with them."""
+_BOUNDS = {"seed_frames": " (2..1024)", "horizons_ms": " (each 1..60000)",
+           "layers": " (1..64)", "heads": " (1..128, dividing width)",
+           "width": " (1..8192, a multiple of heads)", "batch_size": " (1..4096)",
+           "rollout_frames": f" (1..{MAX_FRAMES})"}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,20 +25,23 @@ class FutureConfig:
     """Pose-GPT training and the forecasting protocol; validated when built."""
 
     seed_frames: int = 10
-    """Observed frames before the forecast (10 = 200 ms at 50 fps)."""
+    """Observed frames before the forecast (10 = 200 ms at 50 fps; 2 to 1024)."""
     horizons_ms: tuple[int, ...] = HORIZONS_MS
-    """Reported horizons, ms after the last seed frame; the longest sets the forecast length."""
+    """Reported horizons, ms after the last seed frame (each 1 to 60,000); the longest sets
+    the forecast length (with the seed, at most :data:`MAX_FRAMES` frames at the data's
+    frame rate)."""
     layers: int = 2
-    """GPT-2 blocks."""
+    """GPT-2 blocks (at most 64)."""
     heads: int = 4
-    """Attention heads per block."""
+    """Attention heads per block (at most 128)."""
     width: int = 64
-    """GPT-2 hidden size (a multiple of ``heads``); 64 keeps the default run near a minute
-    on two CPU cores."""
+    """GPT-2 hidden size (a multiple of ``heads``, at most 8192; ``12 * layers * width**2``,
+    the blocks' weights, at most :data:`pretrain.model.encoder.MAX_PARAMETERS`); 64 keeps
+    the default run near a minute on two CPU cores."""
     steps: int = 600
     """Optimiser steps."""
     batch_size: int = 32
-    """Training windows per step."""
+    """Training windows per step (at most 4096)."""
     optim: OptimConfig = OptimConfig(kind="adamw", lr=2e-3, weight_decay=0.01, clip_norm=1.0,
                                      schedule=LRSchedule(warmup_steps=50))  # fmt: skip
     """AdamW, linear warm-up, then cosine decay to 10%."""
@@ -55,7 +67,8 @@ class FutureConfig:
     """Weight of the rollout loss: the MPJPE of an autoregressive forecast of
     ``rollout_frames`` frames from each window's seed, the model fed its own outputs (0: off)."""
     rollout_frames: int = 12
-    """Frames rolled out by the rollout loss (at most the longest horizon)."""
+    """Frames rolled out by the rollout loss (at most the longest horizon, and
+    :data:`MAX_FRAMES`)."""
     rollout_every: int = 1
     """Steps between rollout losses (a rollout costs one forward pass per frame)."""
     select_clips: int = 2
@@ -82,9 +95,14 @@ class FutureConfig:
                     "eval_stride")  # fmt: skip
         checks = {name: getattr(self, name) >= 1 for name in positive}
         checks.update(
-            seed_frames=self.seed_frames >= 2,  # constant velocity needs two frames
-            horizons_ms=bool(self.horizons_ms) and min(self.horizons_ms) > 0,
-            width=self.width >= 1 and self.width % max(self.heads, 1) == 0,
+            seed_frames=2 <= self.seed_frames <= 1024,  # constant velocity needs two frames
+            horizons_ms=bool(self.horizons_ms)
+            and 0 < min(self.horizons_ms)
+            and max(self.horizons_ms) <= 60_000,
+            layers=1 <= self.layers <= 64,
+            heads=1 <= self.heads <= 128,
+            width=1 <= self.width <= 8192 and self.width % max(self.heads, 1) == 0,
+            batch_size=1 <= self.batch_size <= 4096,
             sampling_max=0 <= self.sampling_max <= 1,
             sampling_ramp=len(self.sampling_ramp) == 2
             and 0 <= self.sampling_ramp[0] <= self.sampling_ramp[1] <= 1,
@@ -93,7 +111,7 @@ class FutureConfig:
             damping=0 <= self.damping < 1,
             reversion=0 <= self.reversion < 1,
             rollout_weight=self.rollout_weight >= 0,
-            rollout_frames=self.rollout_frames >= 1,
+            rollout_frames=1 <= self.rollout_frames <= MAX_FRAMES,
             rollout_every=self.rollout_every >= 1,
             select_clips=self.select_clips >= 0,
             select_every=self.select_every >= 1,
@@ -104,7 +122,13 @@ class FutureConfig:
         )
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"FutureConfig.{name}: invalid value {getattr(self, name)!r}")
+                value, bounds = brief(getattr(self, name)), _BOUNDS.get(name, "")
+                raise ValueError(f"FutureConfig.{name}: invalid value {value}{bounds}")
+        weights = 12 * self.layers * self.width**2
+        if weights > MAX_PARAMETERS:
+            raise ValueError(f"FutureConfig.layers: {self.layers} blocks of width {self.width} "
+                             f"hold {weights:,} weights, more than the {MAX_PARAMETERS:,} "
+                             "allowed")  # fmt: skip
 
 
 def default() -> FutureConfig:

@@ -21,10 +21,13 @@ from torch import nn
 from data_shards.configtools import from_dict, to_dict
 from data_shards.manifest import atomic_write_bytes, atomic_write_text
 from data_shards.skeleton import NUM_JOINTS, ROOT, flip_permutation
-from finetune.heads.future.config import FutureConfig
+from data_shards.untrusted import brief, is_int, is_number
+from finetune.heads.future.config import MAX_FRAMES, FutureConfig
 
 FEATURES = NUM_JOINTS * 3 + 3  # root-relative joints (m) + root velocity (m/s)
 WEIGHTS, CONFIG = "future_model.safetensors", "future_model.json"
+_SAVED = ("config", "max_frames", "fps", "features", "output")
+"""The fields of :data:`CONFIG` (the last two describe the model in words)."""
 
 
 def pose_features(poses: torch.Tensor, fps: float) -> torch.Tensor:
@@ -72,6 +75,9 @@ class PoseGPT(nn.Module):
         super().__init__()
         from transformers import GPT2Config, GPT2Model
 
+        if not 1 <= max_frames <= MAX_FRAMES:  # the position table and the cache grow with it
+            raise ValueError(f"PoseGPT: {max_frames} positions (the seed and the longest "
+                             f"horizon at {fps:g} fps), not 1..{MAX_FRAMES}")  # fmt: skip
         self.max_frames, self.fps = max_frames, fps
         gpt = GPT2Config(n_layer=cfg.layers, n_head=cfg.heads, n_embd=cfg.width,
                          n_positions=max_frames, vocab_size=1, bos_token_id=None,
@@ -158,10 +164,33 @@ def save_model(model: PoseGPT, config: FutureConfig, fps: float, out: Path) -> N
 
 
 def load_model(out: str | os.PathLike) -> PoseGPT:
-    """The model :func:`save_model` wrote to ``out``."""
-    from safetensors.torch import load_file
+    """The model :func:`save_model` wrote to ``out`` (eval mode). The files are input from
+    elsewhere: every field of :data:`CONFIG` is checked (the config within the bounds
+    documented beside its fields, ``max_frames`` at most :data:`MAX_FRAMES`) before the model
+    is built, and the weights must be finite and fit it; each failure is one
+    :class:`pretrain.export.EncoderError` line (a ValueError) naming the file."""
+    from pretrain.export import EncoderError, check_fields, fit, read_json, read_weights
 
-    meta = json.loads((Path(out) / CONFIG).read_text())
-    model = PoseGPT(from_dict(FutureConfig, meta["config"]), meta["max_frames"], meta["fps"])
-    model.load_state_dict(load_file(Path(out) / WEIGHTS))
+    out = Path(out)
+    file, weights_file = out / CONFIG, out / WEIGHTS
+    for p in (file, weights_file):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing; not a saved Pose-GPT (posebert finetune "
+                                    "future writes one)")  # fmt: skip
+    meta = check_fields(read_json(file), _SAVED, _SAVED[:3], file, "a saved Pose-GPT")
+    if not isinstance(meta["config"], dict):
+        raise EncoderError(f"{file}: config is {brief(meta['config'])}, not a mapping")
+    try:
+        cfg = from_dict(FutureConfig, meta["config"], "config")
+    except ValueError as e:
+        raise EncoderError(f"{file}: {str(e).splitlines()[0][:300]}") from None
+    frames, fps = meta["max_frames"], meta["fps"]
+    if not (is_int(frames) and cfg.seed_frames < frames <= MAX_FRAMES):
+        least = cfg.seed_frames + 1  # the seed and a horizon of one frame at least
+        raise EncoderError(f"{file}: max_frames {brief(frames)} is not {least}..{MAX_FRAMES}")
+    if not (is_number(fps) and 0 < fps < math.inf):
+        raise EncoderError(f"{file}: fps {brief(fps)} is not a positive number")
+    weights = read_weights(weights_file)  # finite, or one line naming it
+    model = PoseGPT(cfg, int(frames), float(fps))
+    fit(model, weights, weights_file)  # missing, unexpected or mis-shaped tensors
     return model.eval()

@@ -9,13 +9,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from data_shards.configtools import from_dict, to_dict
+from data_shards.configtools import to_dict
 from data_shards.manifest import atomic_write_bytes, atomic_write_text
 from data_shards.skeleton import NUM_JOINTS
+from data_shards.untrusted import brief, is_int
+
+if TYPE_CHECKING:
+    from pretrain.model import PoseBERTConfig
 
 MM_PER_UNIT = 1000.0  # the head predicts metres; errors are reported in mm
 
@@ -96,22 +101,60 @@ def save_head(path: str | os.PathLike, model: PoseRegressor, meta: dict) -> Path
     return path.with_suffix(".safetensors")
 
 
+_SAVED = ("encoder", "dim", "joints", "normalize", "row", "input_size")
+"""The fields of a saved head's JSON (``row`` and ``input_size``: :func:`save_head`'s meta)."""
+
+
+def read_head_info(file: Path) -> tuple[PoseBERTConfig, bool, int | None]:
+    """(encoder config, normalize, input size) of a saved head's JSON, every field checked
+    before anything is built: the encoder config within the bounds documented beside its
+    fields, ``dim`` its width, ``joints`` :data:`NUM_JOINTS`, ``input_size`` at most
+    :data:`pretrain.config.MAX_IMAGE_SIZE`; one :class:`pretrain.export.EncoderError` line
+    naming the file otherwise."""
+    from pretrain.export import (
+        EncoderError,
+        check_fields,
+        check_input_size,
+        encoder_config,
+        read_json,
+    )
+
+    info = check_fields(read_json(file), _SAVED, _SAVED[:4], file, "a saved pose head")
+    cfg = encoder_config(info["encoder"], file, "encoder")
+    width = cfg.encoder.width
+    checks = {
+        "dim": (info["dim"] == width and is_int(info["dim"]), f"the encoder's width {width}"),
+        "joints": (info["joints"] == NUM_JOINTS and is_int(info["joints"]), str(NUM_JOINTS)),
+        "normalize": (isinstance(info["normalize"], bool), "true or false"),
+        "row": (isinstance(info.get("row", {}), dict), "a mapping"),
+    }
+    for name, (ok, want) in checks.items():
+        if not ok:
+            raise EncoderError(f"{file}: {name} is {brief(info[name])}, not {want}")
+    return cfg, info["normalize"], check_input_size(info.get("input_size"), file, "input_size")
+
+
 def load_head(path: str | os.PathLike) -> PosePredictor:
     """The row :func:`save_head` wrote at ``path`` (with or without suffix), ready to predict;
-    frames are resized to the size the encoder was trained at."""
-    from safetensors.torch import load_file
-
+    frames are resized to the size the encoder was trained at. Both files are input from
+    elsewhere: the JSON is checked (:func:`read_head_info`) before the model is built, the
+    weights must be finite, fit it and hold a positive ``head.std``; each failure is one
+    :class:`pretrain.export.EncoderError` line (a ValueError) naming the file."""
     from data_shards.transforms import Resize
-    from pretrain.model import PoseBERT, PoseBERTConfig
+    from pretrain.export import EncoderError, fit, read_weights
+    from pretrain.model import PoseBERT
 
     path = Path(path).with_suffix("")
-    info_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
-    for p in (info_path, weights):
+    info_path, weights_file = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    for p in (info_path, weights_file):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing; not a saved pose head")
-    info = json.loads(info_path.read_text())
-    encoder = PoseBERT(from_dict(PoseBERTConfig, info["encoder"]))
-    model = PoseRegressor(encoder, PoseHead(info["dim"], info["joints"]), info["normalize"])
-    model.load_state_dict(load_file(weights))
-    size = info.get("input_size")
+    cfg, normalize, size = read_head_info(info_path)
+    weights = read_weights(weights_file)  # finite, or one line naming it
+    model = PoseRegressor(PoseBERT(cfg), PoseHead(cfg.encoder.width), normalize)
+    fit(model, weights, weights_file)  # missing, unexpected or mis-shaped tensors
+    std = model.head.std
+    if not bool((std > 0).all()):  # features are divided by it
+        raise EncoderError(f"{weights_file}: tensor head.std holds {int((std <= 0).sum())} "
+                           "values <= 0")  # fmt: skip
     return PosePredictor(model, (Resize(size),) if size else (), f"pose-head:{path.name}")

@@ -116,10 +116,22 @@ def test_horizons_round_to_frames():
 @pytest.mark.parametrize("bad", [{"seed_frames": 1}, {"horizons_ms": ()}, {"width": 130},
                                  {"sampling_max": 1.5}, {"eval_splits": ("train",)},
                                  {"damping": 1.0}, {"speed": (1.2, 0.8)},
-                                 {"residual_shares": (0.5, 2.0)}])  # fmt: skip
+                                 {"residual_shares": (0.5, 2.0)},
+                                 # sizes that allocate are bounded (issue 16)
+                                 {"seed_frames": 1025}, {"horizons_ms": (80, 60_001)},
+                                 {"layers": 65}, {"heads": 256, "width": 512},
+                                 {"width": 16384, "heads": 4}, {"batch_size": 4097},
+                                 {"rollout_frames": 10**6},
+                                 {"layers": 64, "width": 4096}])  # fmt: skip
 def test_config_refuses_bad_values(bad):
-    with pytest.raises(ValueError, match=f"FutureConfig.{next(iter(bad))}"):
+    with pytest.raises(ValueError, match=f"FutureConfig.{next(iter(bad))}") as err:
         FutureConfig(**bad)
+    assert "\n" not in str(err.value)
+
+
+def test_config_bounds_admit_their_limits():
+    FutureConfig(seed_frames=1024, horizons_ms=(60_000,), heads=128, width=8192, layers=2,
+                 batch_size=4096, rollout_frames=4096)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- data
