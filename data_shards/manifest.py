@@ -35,6 +35,11 @@ SPLITS = ("train", "val", "test")
 MAX_MANIFEST_BYTES = 64 * 1024**2
 """A manifest.json larger than this is not read (the writer's take about 300 bytes per shard,
 so this is some 200,000 shards)."""
+MAX_SHARD_SAMPLES = 2**16
+"""The most samples one shard may list (the writer's default is 64; webdataset shards hold a
+few thousand). A reader plans the epoch from the listed counts before it opens a shard: a
+count of 10**12 must not become the plan, and a shard that ends short of its count costs one
+empty bookkeeping batch per missing batch (about 1 s for 2**16 at batch size 1)."""
 
 
 class ManifestError(ValueError):
@@ -163,7 +168,8 @@ def _json_object(value: object) -> bool:
 
 _SHARD_FIELDS = {
     "name": (_plain_name, "a plain file name (printable, no '/', not hidden)"),
-    "samples": (lambda v: is_int(v) and v >= 0, "a whole number >= 0"),
+    "samples": (lambda v: is_int(v) and 1 <= v <= MAX_SHARD_SAMPLES,
+                f"a whole number in [1, {MAX_SHARD_SAMPLES}] (no writer lists an empty shard)"),
     "bytes": (lambda v: is_int(v) and v >= 0, "a whole number >= 0"),
     "sha256": (lambda v: isinstance(v, str) and _SHA256.match(v) is not None,
                "64 lowercase hex digits"),

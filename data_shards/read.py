@@ -65,6 +65,7 @@ from data_shards.stages import (
     split_by_worker,
 )
 from data_shards.transforms import Decoded, Transform, apply_transforms, collate
+from data_shards.untrusted import one_line
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +296,16 @@ class ShardReader:
         self.config, self.rank, self.world_size = config, rank, world_size
         shards, layout, unlisted = load_shards(config.splits)
         self.layout = layout
-        self.dataset = ShardDataset(config, shards, layout, rank, world_size)
+        try:
+            self.dataset = ShardDataset(config, shards, layout, rank, world_size)
+        except ReaderError as e:  # too few samples: say which split(s)
+            raise ReaderError(f"{', '.join(config.splits)}: {e}") from None
         self.errors: Counter = Counter({k: 0 for k in (*BUDGETED, "lost_samples")})
         if unlisted:
             log.warning(
                 "ignored %d tar files not in the manifest: %s",
                 len(unlisted),
-                ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""),
+                one_line(", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else "")),
             )
             self.errors["unlisted_shards"] = len(unlisted)
         self.epoch = 0

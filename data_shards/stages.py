@@ -9,8 +9,8 @@ import logging
 import os
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice, repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -19,6 +19,7 @@ from data_shards.manifest import Manifest
 from data_shards.schema import Meta, Sample, SampleError, check_layout, decode_sample, is_member
 from data_shards.tario import iter_tar_samples
 from data_shards.transforms import Decoded
+from data_shards.untrusted import one_line
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,47 @@ class ShardSlice(NamedTuple):
     checks that the file ends there: a count below the real one is an error, not obeyed."""
 
 
+class BatchSizes(Sequence[int]):
+    """``full`` batches of ``size``, then one of ``rest`` if it is not 0: the batches of one
+    worker, without a list (the counts come from a manifest, read before any shard is opened;
+    a list would allocate 8 bytes for every batch it claims)."""
+
+    def __init__(self, size: int, full: int, rest: int = 0):
+        self.size, self.full, self.rest = size, full, rest
+
+    def __len__(self) -> int:
+        return self.full + (self.rest > 0)
+
+    def __getitem__(self, i):  # an int, or a slice (step 1: another BatchSizes)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            stop = max(start, stop)
+            full = max(0, min(stop, self.full) - start)
+            return BatchSizes(self.size, full, self.rest if start <= self.full < stop else 0)
+        n = len(self)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(f"batch {i} of {n}")
+        return self.size if j < self.full else self.rest
+
+    def __iter__(self) -> Iterator[int]:
+        yield from repeat(self.size, self.full)
+        if self.rest:
+            yield self.rest
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, BatchSizes):
+            return (self.size if self.full else 0, self.full, self.rest) == (
+                other.size if other.full else 0, other.full, other.rest)  # fmt: skip
+        return isinstance(other, (list, tuple)) and len(other) == len(self) and all(
+            a == b for a, b in zip(self, other, strict=True))  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"BatchSizes(size={self.size}, full={self.full}, rest={self.rest})"
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Which samples of the epoch's global sequence each rank and worker reads."""
@@ -81,10 +123,10 @@ class Plan:
         last = first + base + (worker < extra)
         return min(hi, lo + first * self.batch_size), min(hi, lo + last * self.batch_size)
 
-    def batch_sizes(self, worker: int, rank: int | None = None) -> list[int]:
+    def batch_sizes(self, worker: int, rank: int | None = None) -> BatchSizes:
         lo, hi = self.worker_range(worker, rank)
         full, rest = divmod(hi - lo, self.batch_size)
-        return [self.batch_size] * full + ([rest] if rest else [])
+        return BatchSizes(self.batch_size, full, rest)
 
     def check(self) -> None:
         """Raise ReaderError unless every rank and worker gets a batch (the last rank and the
@@ -103,7 +145,7 @@ class WorkerContext:
     """Mutable state of one logical worker's stream, shared by its stages."""
 
     worker: int
-    batch_sizes: list[int]
+    batch_sizes: Sequence[int]
     resume_cursor: int = 0
     """Samples that already left the shuffle stage before this stream (replayed, not decoded)."""
     batches_done: int = 0
@@ -122,6 +164,7 @@ class WorkerContext:
         self.pending[f"bad_{what}s"] += 1
         if lost:
             self.pending["lost_samples"] += lost
+        shard, key, message = (one_line(str(t)) for t in (shard, key, message))  # keys: from tars
         log.warning("skipped %s: shard %s, sample %s: %s", what, shard, key, message)
         self.errors_so_far += 1
         if self.errors_so_far > self.budget:
@@ -170,10 +213,14 @@ def read_shards(slices: Iterable[ShardSlice], ctx: WorkerContext) -> Iterator[di
     A shard that is missing, broken or shorter than its manifest count loses only the samples
     it cannot deliver (one counted error); a cut at a 512-byte boundary is caught by the count.
     A shard holding more samples than its manifest count is one counted error too (the samples
-    past the count are not read): the slice that reads to the count looks one sample further.
+    past the count are not read): the slice that reads to the count looks one sample further,
+    before it hands out its last sample (a consumer that has its planned samples stops pulling,
+    so a check after that sample would never run: without a shuffle buffer, the last shard of
+    each worker went unchecked).
     """
     for s in slices:
         name, want, got, key, problem = os.path.basename(s.path), s.stop - s.start, 0, "-", ""
+        last = None
         try:
             samples = iter_tar_samples(s.path, skip=s.start, sha256=s.sha256 or None,
                                        wanted=is_member)  # fmt: skip
@@ -184,10 +231,11 @@ def read_shards(slices: Iterable[ShardSlice], ctx: WorkerContext) -> Iterator[di
                         break
                     raw["__shard__"], raw["__index__"] = name, s.offset + s.start + got
                     got, key = got + 1, raw["__key__"]
-                    yield raw
                     if got == want:
+                        last = raw  # handed out below, once the end of the file is checked
                         break
-                if got == want and s.stop == s.count and next(samples, None) is not None:
+                    yield raw
+                if last is not None and s.stop == s.count and next(samples, None) is not None:
                     problem = f"holds more samples than the manifest's {s.count}; the rest unread"
         except OSError as e:  # ShardError (broken tar) is an OSError, so is a missing file
             problem = f"{type(e).__name__}: {e}"
@@ -197,6 +245,8 @@ def read_shards(slices: Iterable[ShardSlice], ctx: WorkerContext) -> Iterator[di
             ctx.report("shard", name, where, f"{problem}; {want - got} samples lost", want - got)
         elif problem:
             ctx.report("shard", name, f"after {key}", problem)
+        if last is not None:
+            yield last
 
 
 def shuffle(raws: Iterable[dict], bufsize: int, seed: list[int]) -> Iterator[dict]:
@@ -221,7 +271,7 @@ def skip_to_cursor(raws: Iterable[dict], ctx: WorkerContext) -> Iterator[dict]:
     """Count samples leaving the shuffle (the cursor); drop, undecoded, those before the resume
     cursor. Errors met while replaying were counted before the state was saved: stay quiet."""
     it = iter(raws)
-    ctx.ring = deque(maxlen=2 * max(ctx.batch_sizes, default=1))
+    ctx.ring = deque(maxlen=2 * max(ctx.batch_sizes[:1], default=1))  # the first is the largest
     while True:
         ctx.quiet = ctx.cursor < ctx.resume_cursor
         raw = next(it, None)

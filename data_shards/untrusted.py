@@ -1,7 +1,7 @@
 """Reading what a file claims without trusting it: bounded before anything is allocated.
 
 Helpers for the checks of shards and manifests (:mod:`data_shards.schema`,
-:mod:`data_shards.manifest`): short one-line descriptions of hostile values, JSON nesting
+:mod:`data_shards.manifest`): short one-line descriptions of hostile values and text, JSON nesting
 walked without recursion, and ``.npy`` arrays whose header is checked against the bytes that
 follow it (``np.load`` allocates what the header claims first, 64 TiB included).
 """
@@ -21,6 +21,15 @@ writers nest 4 levels at most, and a 200k-deep document only exhausts the recurs
 def brief(value: object, limit: int = 60) -> str:
     """``repr(value)`` cut to ``limit`` characters: one short line whatever a file holds."""
     text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """Text from a file (a sample key, a member name) as one printable line of at most ``limit``
+    characters: a key holding a newline or terminal escapes must not forge or hide log lines."""
+    text = " ".join(text.split())
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -31,17 +31,10 @@ from data_shards.schema import (
     member_names,
 )
 from data_shards.tario import ShardError, iter_tar_samples
+from data_shards.untrusted import one_line
 
 MAX_PROBLEM_CHARS = 400
 """A problem's description is cut to this length: one readable line whatever a file holds."""
-
-
-def _one_line(text: str, limit: int = MAX_PROBLEM_CHARS) -> str:
-    """Text from a file as one printable line (a key or message must not forge or hide lines)."""
-    text = " ".join(text.split())
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -55,7 +48,7 @@ class Problem:
 
     def __post_init__(self) -> None:
         for name in ("shard", "key", "what"):
-            object.__setattr__(self, name, _one_line(getattr(self, name)))
+            object.__setattr__(self, name, one_line(getattr(self, name), MAX_PROBLEM_CHARS))
 
     def __str__(self) -> str:
         where = f"{self.split}/{self.shard}" + (f" key {self.key}" if self.key else "")

@@ -21,6 +21,7 @@ from typing import BinaryIO
 import webdataset as wds
 
 from data_shards.manifest import (
+    MAX_SHARD_SAMPLES,
     Manifest,
     ShardInfo,
     cleanup_on_error,
@@ -47,8 +48,9 @@ class WriterConfig:
     """Replace an existing split directory."""
 
     def __post_init__(self) -> None:
-        if self.max_samples < 1 or self.max_bytes < 1024:
-            raise ValueError("max_samples must be >= 1 and max_bytes >= 1024")
+        if not 1 <= self.max_samples <= MAX_SHARD_SAMPLES or self.max_bytes < 1024:
+            raise ValueError(f"max_samples must be in [1, {MAX_SHARD_SAMPLES}] (what readers "
+                             "accept) and max_bytes >= 1024")  # fmt: skip
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
