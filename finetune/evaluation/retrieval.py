@@ -16,6 +16,12 @@ nearest in ground-truth pose, found by FAISS on flattened poses: L2 over all joi
 closest proxy of MPJPE an index can rank by) and ``chance`` (random gallery frames, seeded).
 A random-init encoder and raw pixels are just other embeddings (:mod:`finetune.evaluation.embed`).
 
+FAISS GPU indexes return at most :data:`MAX_FETCH` (2048) neighbours per query, so the search
+that skips excluded matches fetches no more than that from any index, on the GPU or the CPU, and
+the queries still short of k admissible matches there are answered by :func:`exact_search`: brute
+force over the vectors the index stores, with the same exclusions, the same metric and, for
+IVF-PQ, the same probed cells, i.e. what an unlimited fetch would give.
+
 Indexes are cached beside their embeddings with a sha256 that is checked before FAISS parses
 a byte (a corrupted index often loads and searches without error).
 """
@@ -29,6 +35,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from finetune.evaluation.embed import Embeddings
 from finetune.evaluation.metrics import mpjpe, p_mpjpe
@@ -36,6 +43,11 @@ from finetune.evaluation.store import is_complete, open_verified, save_verified,
 
 FAISS_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 INDEX_KINDS = ("flat", "ivfpq")
+MAX_FETCH = 2048
+"""Most neighbours :func:`search` asks of an index per query: FAISS GPU indexes refuse a larger k
+(``GPU_MAX_SELECTION_K`` in faiss/gpu/utils/DeviceDefs.cuh). Applied on the CPU too, so that a
+CPU run takes the path a GPU run takes; queries still short of admissible neighbours at this
+many go to :func:`exact_search`."""
 
 Exclusion = tuple[np.ndarray, np.ndarray]
 """(query groups (Nq,), gallery groups (Ng,)): a match with an equal group is excluded."""
@@ -178,17 +190,20 @@ def search(
     """Top-``k`` of each query: distances (Nq, k) float32 and ids (Nq, k) int64, best first.
 
     Queries go ``chunk`` at a time. With ``exclude`` the search fetches more neighbours than
-    k and drops the excluded ones, fetching 4x more for the rows still short (up to the whole
-    index, in sub-chunks of at most ``max_elements`` ids). Rows with fewer than k admissible
-    matches are padded with id -1 and distance NaN.
+    k and drops the excluded ones, fetching 4x more for the rows still short (up to
+    :data:`MAX_FETCH` or the whole index, in sub-chunks of at most ``max_elements`` ids); rows
+    still short at :data:`MAX_FETCH` are answered by :func:`exact_search`, which gives what an
+    unlimited fetch would. Rows with fewer than k admissible matches are padded with id -1 and
+    distance NaN.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     Nq = len(q)
     D = np.full((Nq, k), np.nan, dtype=np.float32)
     ids = np.full((Nq, k), -1, dtype=np.int64)
+    capped = []  # rows still short at MAX_FETCH
     for start in range(0, Nq, chunk):
         rows = np.arange(start, min(start + chunk, Nq))
-        fetch = min(index.ntotal, 2 * k if exclude else k)
+        fetch = min(index.ntotal, MAX_FETCH, 2 * k if exclude else k)
         while len(rows):
             short = []
             step = max(1, max_elements // max(fetch, 1))
@@ -202,12 +217,106 @@ def search(
                 got = np.take_along_axis(keep, order, 1)
                 D[sub, : order.shape[1]] = np.where(got, np.take_along_axis(d, order, 1), np.nan)
                 ids[sub, : order.shape[1]] = np.where(got, np.take_along_axis(i, order, 1), -1)
-                short.append(sub[keep.sum(1) < k])
+                # fewer ids than asked (-1 last): the row saw every candidate (an IVF index's
+                # probed cells hold fewer than `fetch`), a larger fetch would add nothing
+                short.append(sub[(keep.sum(1) < k) & (i[:, -1] >= 0)])
             rows = np.concatenate(short)
             if fetch >= index.ntotal:
                 break
-            fetch = min(index.ntotal, 4 * fetch)
+            if fetch >= MAX_FETCH:
+                capped.append(rows)
+                break
+            fetch = min(index.ntotal, MAX_FETCH, 4 * fetch)
+    rows = np.concatenate(capped) if capped else np.zeros(0, dtype=np.int64)
+    if len(rows):
+        rules = [(qg[rows], gg) for qg, gg in exclude]
+        D[rows], ids[rows] = exact_search(index, q[rows], k, rules, max_elements)
     return D, ids
+
+
+def exact_search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    exclude: Sequence[Exclusion] = (),
+    max_elements: int = 1 << 24,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`search` returns when it may fetch any number of neighbours, by brute force.
+
+    Every vector the index stores (as stored: decoded PQ codes for IVF-PQ) is scored against
+    every query with the index's metric, in float64 on torch ``device`` (default: CUDA when the
+    index is on a GPU and torch sees one, else the CPU); excluded matches and, for an IVF index,
+    vectors outside the ``nprobe`` cells FAISS visits for the query are dropped and the best k
+    kept. Stored vectors go in slices of about ``max_elements`` scores. Distances as FAISS
+    reports them (squared L2, or inner product), computed more exactly (FAISS: float32), so
+    near-equal ones may be ordered differently; rows short of k are padded with -1 and NaN.
+    """
+    stored = _readable(index)
+    ivf = faiss.try_extract_index_ivf(stored)
+    if device is None:
+        device = "cuda" if _on_gpu(index) and torch.cuda.is_available() else "cpu"
+    if stored.metric_type not in (faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT):
+        raise ValueError(f"metric_type={stored.metric_type}; expected L2 or inner product")
+    l2 = stored.metric_type == faiss.METRIC_L2
+    q32 = np.ascontiguousarray(queries, dtype=np.float32)
+    q = torch.from_numpy(q32).to(device, torch.float64)  # (Nq, D)
+    Nq, Ng = len(q), stored.ntotal
+    rules = [[torch.from_numpy(c).to(device) for c in _group_codes(qg, gg)] for qg, gg in exclude]
+    if ivf is not None:  # the cell of each stored vector, the cells probed for each query
+        cell = torch.from_numpy(faiss.vector_to_array(ivf.direct_map.array) >> 32).to(device)
+        probes = min(ivf.nprobe, ivf.nlist)  # as IndexIVF.search clamps it
+        probed = torch.from_numpy(ivf.quantizer.search(q32, probes)[1]).to(device)
+    best = torch.full((Nq, k), torch.inf, dtype=torch.float64, device=device)  # lower = better
+    best_ids = torch.full((Nq, k), -1, dtype=torch.int64, device=device)
+    qs = max(1, min(Nq, 4096))
+    gs = max(1, max_elements // max(qs, stored.d))
+    for g in range(0, Ng, gs):
+        x = torch.from_numpy(stored.reconstruct_n(g, min(gs, Ng - g))).to(device, torch.float64)
+        gids, xx = torch.arange(g, g + len(x), device=device), (x * x).sum(1)
+        for s in range(0, Nq, qs):
+            qq = q[s : s + qs]
+            score = -(qq @ x.T)  # (n, G)
+            if l2:
+                score = 2 * score + (qq * qq).sum(1, keepdim=True) + xx
+            drop = torch.zeros(score.shape, dtype=torch.bool, device=device)
+            for qg, gg in rules:
+                drop |= qg[s : s + qs, None] == gg[None, g : g + len(x)]
+            if ivf is not None:
+                visit = torch.zeros(len(qq), ivf.nlist, dtype=torch.bool, device=device)
+                drop |= ~visit.scatter_(1, probed[s : s + qs], True)[:, cell[g : g + len(x)]]
+            merged = torch.cat([best[s : s + qs], score.masked_fill(drop, torch.inf)], 1)
+            best[s : s + qs], at = merged.topk(k, dim=1, largest=False)
+            ids = torch.cat([best_ids[s : s + qs], gids.expand(len(qq), -1)], 1)
+            best_ids[s : s + qs] = ids.gather(1, at)
+    found = torch.isfinite(best)
+    D = torch.where(found, best if l2 else -best, torch.nan).to(torch.float32)
+    return D.cpu().numpy(), torch.where(found, best_ids, -1).cpu().numpy()
+
+
+def _on_gpu(index: faiss.Index) -> bool:
+    return "Gpu" in type(index).__name__ or isinstance(index, faiss.IndexReplicas)
+
+
+def _readable(index: faiss.Index) -> faiss.Index:
+    """``index`` or a CPU copy of it whose ``reconstruct_n`` gives the stored vectors: a GPU
+    index is copied to the CPU, an IVF one given a direct map (id -> cell, offset) on a copy,
+    leaving the caller's index as it was."""
+    if _on_gpu(index):
+        index = faiss.index_gpu_to_cpu(index)
+    elif faiss.try_extract_index_ivf(index) is not None:
+        index = faiss.clone_index(index)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.make_direct_map()
+    return index
+
+
+def _group_codes(qg: np.ndarray, gg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of query and gallery groups (labels may be strings), equal where equal."""
+    _, codes = np.unique(np.concatenate([qg, gg]), return_inverse=True)
+    codes = codes.reshape(-1).astype(np.int64)
+    return codes[: len(qg)], codes[len(qg) :]
 
 
 def exclusions(query: Embeddings, gallery: Embeddings, config: RetrievalConfig) -> list[Exclusion]:
