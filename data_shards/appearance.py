@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from data_shards.extras import import_extra
+
 BODY_PARTS: dict[str, tuple[str, ...]] = {
     "torso": ("root", "chest"),
     "head": ("neck",),
@@ -237,8 +239,7 @@ def draw_appearance(
 
 
 def humanoid_urdf_path() -> str:
-    import pybullet_data  # data only; does not load pybullet
-
+    pybullet_data = import_extra("render", "pybullet_data")  # data only; does not load pybullet
     return os.path.join(pybullet_data.getDataPath(), "humanoid", "humanoid.urdf")
 
 
@@ -331,8 +332,7 @@ def texture_names() -> tuple[str, ...]:
 
 def texture_images() -> dict[str, np.ndarray]:
     """Texture name -> (S, S, 3) uint8 image, S in 16 / 64 pixels."""
-    import pybullet_data
-
+    pybullet_data = import_extra("render", "pybullet_data")
     sources = [os.path.join(_skimage_dir(), n) for n in _SKIMAGE_TEXTURES]
     sources += [os.path.join(pybullet_data.getDataPath(), n) for n in _PYBULLET_TEXTURES]
     names = iter(texture_names())

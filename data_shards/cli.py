@@ -175,6 +175,7 @@ def register(stages: argparse._SubParsersAction) -> None:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from data_shards import mocap, synth
+    from data_shards.extras import require
 
     table = synth.split_table(args.val_clips, args.test_clips)
     if args.clips is not None:
@@ -188,6 +189,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed, appearances_per_window=args.appearances,
         appearances_per_sample=args.appearances_per_sample, jpeg_quality=args.jpeg_quality,
         mirror=args.mirror, speeds=args.speeds))
+    require("render")  # after the usage errors and `--set help`
     manifests = synth.build_splits(args.out, config, writer, splits=table, workers=args.workers,
                                    progress=sys.stderr.isatty())  # fmt: skip
     _report(manifests)
@@ -204,11 +206,14 @@ def _report(manifests: dict) -> None:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
+    from data_shards.extras import require
     from data_shards.video import VideoConfig, ingest_videos
 
     config, writer = _configs(args, VideoConfig(
         size=(args.size, args.size), frames=args.frames, stride=args.stride, fps=args.fps,
         keypoints=args.keypoints, action=args.action, detect=args.detect))
+    if config.detect:
+        require("video")  # the 2D detector
     manifests = ingest_videos(args.files, args.out, config, writer, split=args.split,
                               val_fraction=args.val_fraction,
                               progress=sys.stderr.isatty())  # fmt: skip
@@ -219,8 +224,10 @@ def cmd_video(args: argparse.Namespace) -> int:
 def cmd_render_video(args: argparse.Namespace) -> int:
     from data_shards.clipvideo import ClipVideoConfig, render_clip_video, truth_path
     from data_shards.configtools import resolve
+    from data_shards.extras import require
 
     config = resolve(ClipVideoConfig(), args.overrides, "shards render-video")
+    require("render")
     truth = render_clip_video(args.out, args.clip, config, progress=sys.stderr.isatty())
     print(f"wrote {args.out} ({len(truth['joints_3d'])} frames at {config.fps:g} fps) and "
           f"{truth_path(args.out)}")
@@ -242,8 +249,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from data_shards.configtools import resolve
     from data_shards.detect import DetectConfig
     from data_shards.detect_shards import detect_shards
+    from data_shards.extras import require
 
     config = resolve(DetectConfig(), args.overrides, "shards detect")
+    require("video")
     done = detect_shards(args.root, args.splits, config, workers=args.workers,
                          overwrite=args.overwrite, progress=sys.stderr.isatty())  # fmt: skip
     for split, d in done.items():

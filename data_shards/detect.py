@@ -39,10 +39,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data_shards.extras import import_extra
 from data_shards.skeleton import JOINT_INDEX, NUM_JOINTS
-
-INSTALL_HINT = ("the 2D detector needs mediapipe 0.10.14: run `make install`, or `pip install "
-                "--no-deps mediapipe==0.10.14` and `pip install -e '.[video]'`")  # fmt: skip
 
 # BlazePose landmark indices (mediapipe.solutions.pose.PoseLandmark)
 NOSE, L_EYE, R_EYE, L_EAR, R_EAR, MOUTH_L, MOUTH_R = 0, 2, 5, 7, 8, 9, 10
@@ -137,11 +135,7 @@ def _mediapipe_pose():
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype", category=UserWarning)
-    try:
-        from mediapipe.python.solutions import pose
-    except ImportError as e:
-        raise RuntimeError(f"{INSTALL_HINT} ({e})") from None
-    return pose
+    return import_extra("video", "mediapipe.python.solutions.pose")
 
 
 class Detector:

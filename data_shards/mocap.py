@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from data_shards.extras import import_extra
 from data_shards.skeleton import JOINT_INDEX, NUM_JOINTS
 
 CLIP_NAMES: tuple[str, ...] = (
@@ -206,8 +207,8 @@ class MotionClip:
 
 def motions_dir() -> str:
     """Folder of the DeepMimic clips inside the installed ``pybullet_data``."""
-    import pybullet_data  # plain data package: importing it does not load pybullet itself
-
+    # a plain data package in the pybullet wheel: importing it does not load pybullet itself
+    pybullet_data = import_extra("render", "pybullet_data")
     return os.path.join(pybullet_data.getDataPath(), "data", "motions")
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from data_shards import mocap
 from data_shards.appearance import LINKS, Appearance, Light, body_urdf, texture_images
 from data_shards.camera import Camera
+from data_shards.extras import import_extra
 
 NEAR_M, FAR_M = 0.05, 100.0
 """Clipping planes of the projection, metres (cameras are a few metres from the person)."""
@@ -92,7 +93,7 @@ def _import_pybullet():
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            import pybullet
+            pybullet = import_extra("render", "pybullet")
     finally:
         os.dup2(saved, 2)
         os.close(saved)

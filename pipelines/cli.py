@@ -31,13 +31,19 @@ def register(stages: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from data_shards.extras import require
     from pipelines.demo import run_demo
 
+    if not args.dry_run:
+        require("render", "video")  # the embedded shards and clip video; the 2D detector
     return run_demo(args.out, quick=args.quick, nproc=args.nproc_per_node, dry_run=args.dry_run)
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
+    from data_shards.extras import require
     from pipelines.ablation import run_ablation
 
+    if not args.dry_run:
+        require("render")  # the embedded shards
     return run_ablation(args.out, args.variants, quick=args.quick, nproc=args.nproc_per_node,
                         dry_run=args.dry_run, steps=args.steps)

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from data_shards import __version__
+from data_shards.extras import MissingExtra
 
 EX_IOERR = 74
 """sysexits' I/O error: a write ran out of space (the pretraining loop's exit code for it too)."""
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("posebert: interrupted", file=sys.stderr)
         return 130
+    except MissingExtra as e:  # an optional part this interpreter lacks: say how to get it
+        command = " ".join(filter(None, (args.stage, getattr(args, "command", None))))
+        print(e.line(f"posebert {command}"), file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:  # bad input: one line, nothing written is lost
         print(f"posebert {args.stage}: error: {e}", file=sys.stderr)
         return EX_IOERR if isinstance(e, OSError) and e.errno in _NO_SPACE else 2

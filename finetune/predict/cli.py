@@ -28,10 +28,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import dataclasses
 
     from data_shards.configtools import resolve
+    from data_shards.extras import require
     from finetune.predict.lifters import load_lifter
     from finetune.predict.run import PredictConfig, predict_videos
 
     config = resolve(PredictConfig(), args.overrides, "predict")
+    require("video")  # the 2D detector
     if args.no_video:
         config = dataclasses.replace(config, render=dataclasses.replace(config.render,
                                                                         enabled=False))
