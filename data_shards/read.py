@@ -48,6 +48,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_shards.manifest import MANIFEST_NAME, Manifest
+from data_shards.resplit import Remaining, remaining_after, shuffle_seed
 from data_shards.stages import (
     ErrorBudgetExceeded,
     Plan,
@@ -169,6 +170,8 @@ class StreamState(NamedTuple):
     batches: tuple[int, ...] = ()
     offset: int = 0
     errors: int = 0
+    segment: int = 0
+    """Earlier world sizes within this epoch (:mod:`data_shards.resplit`); 0 for most runs."""
 
 
 class ShardDataset(IterableDataset):
@@ -183,16 +186,25 @@ class ShardDataset(IterableDataset):
         world_size: int,
     ):
         self.config, self.shards, self.layout = config, shards, layout
-        self.plan = Plan(
-            sum(s.samples for s in shards),
-            world_size,
-            rank,
-            config.batch_size,
-            max(1, config.num_workers),
-            config.drop_last,
-        )
+        self.rank, self.world_size = rank, world_size
+        self.epoch_total = sum(s.samples for s in shards)
+        self.remaining: Remaining | None = None
+        self.plan = self.plan_for(self.epoch_total)
         self.plan.check()
         self.state = StreamState()
+
+    def plan_for(self, total: int, world_size: int | None = None, workers: int | None = None
+                 ) -> Plan:  # fmt: skip
+        cfg = self.config
+        return Plan(total, world_size or self.world_size, self.rank if world_size is None else 0,
+                    cfg.batch_size, workers or max(1, cfg.num_workers), cfg.drop_last)  # fmt: skip
+
+    def set_remaining(self, remaining: Remaining | None) -> None:
+        """Read only ``remaining`` of the epoch (None: all of it); raises ReaderError when that
+        is too little for a batch on every rank and worker."""
+        plan = self.plan_for(self.epoch_total if remaining is None else len(remaining))
+        plan.check()
+        self.plan, self.remaining = plan, remaining
 
     def pipeline(self, worker: int) -> wds.DataPipeline:
         """The visible stage list of one logical worker for the current state."""
@@ -218,13 +230,13 @@ class ShardDataset(IterableDataset):
 
         return wds.DataPipeline(
             partial(plan_epoch, self.shards, cfg.seed, st.epoch, cfg.shuffle),
-            partial(split_by_node, plan=self.plan),
-            partial(split_by_worker, plan=self.plan, worker=worker),
+            partial(split_by_node, plan=self.plan, remaining=self.remaining),
+            partial(split_by_worker, plan=self.plan, worker=worker, remaining=self.remaining),
             partial(read_shards, ctx=ctx),
             partial(
                 shuffle,
                 bufsize=cfg.shuffle_buffer if cfg.shuffle else 1,
-                seed=[cfg.seed, st.epoch, lo],
+                seed=shuffle_seed(cfg.seed, st.epoch, lo, st.segment),
             ),
             partial(skip_to_cursor, ctx=ctx),
             partial(safe_decode, ctx=ctx, decode=decode),
@@ -320,7 +332,9 @@ class ShardReader:
         return sum(len(self.dataset.plan.batch_sizes(w)) for w in range(self.workers))
 
     def _start_epoch(self, epoch: int) -> None:
-        self.epoch, self.epoch_errors = epoch, Counter()
+        self.epoch, self.epoch_errors, self.history = epoch, Counter(), []
+        if self.dataset.remaining is not None:
+            self.dataset.set_remaining(None)
         self._cursors, self._batches, self._next = [0] * self.workers, [0] * self.workers, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -350,7 +364,12 @@ class ShardReader:
 
     def __iter__(self) -> Iterator[dict]:
         self.dataset.state = StreamState(
-            self.epoch, tuple(self._cursors), tuple(self._batches), self._next, self._budget_used()
+            self.epoch,
+            tuple(self._cursors),
+            tuple(self._batches),
+            self._next,
+            self._budget_used(),
+            len(self.history),
         )
         for batch in self._loader():
             self._account(batch)
@@ -384,7 +403,7 @@ class ShardReader:
             workers=self.workers,
             rank=self.rank,
             world_size=self.world_size,
-            samples=self.dataset.plan.total,
+            samples=self.dataset.epoch_total,
             shards=_digest(self.dataset.shards),
         )
 
@@ -399,7 +418,69 @@ class ShardReader:
             errors=dict(self.errors),
             epoch_errors=dict(self.epoch_errors),
             fingerprint=self._fingerprint(),
+            history=[dict(seg) for seg in self.history],
         )
+
+    def remaining(self, epoch: int, history: list[dict[str, Any]]) -> Remaining:
+        """What ``history`` (earlier world sizes within ``epoch``) left of the epoch; ValueError
+        naming the field of a history that cannot come from this data."""
+        cfg = self.config
+        return remaining_after(history, self.dataset.epoch_total, seed=cfg.seed, epoch=epoch,
+                               batch_size=cfg.batch_size, drop_last=cfg.drop_last,
+                               bufsize=cfg.shuffle_buffer if cfg.shuffle else 1)  # fmt: skip
+
+    def resplit(self, states: list[dict[str, Any]]) -> None:
+        """Continue the epoch of a run with another world size or number of loader workers:
+        ``states`` are its ranks' :meth:`state_dict`, in rank order. The samples those ranks
+        consumed are recomputed (:mod:`data_shards.resplit`) and the rest of the epoch is split
+        across this reader's ranks and workers; every rank calls this with the same states.
+        Counters carry over (rank 0 holds the sums, so totals over ranks stay the same).
+        ReaderError names a state of another data set or settings; ValueError a field out of
+        range."""
+        mine = self._fingerprint()
+        if not states:
+            raise ReaderError("no reader state to continue from")
+        first = states[0]
+        for r, st in enumerate(states):
+            if st.get("version") != STATE_VERSION:
+                raise ReaderError(f"reader state {r}: version {st.get('version')}, expected "
+                                  f"{STATE_VERSION}")  # fmt: skip
+            theirs = st["fingerprint"]
+            for k in sorted(set(mine) - {"rank", "world_size", "workers"}):
+                if theirs.get(k) != mine[k]:
+                    raise ReaderError(f"reader state {r} has {k}={theirs.get(k)!r}, this reader "
+                                      f"{mine[k]!r}")  # fmt: skip
+            if (theirs.get("rank"), theirs.get("world_size")) != (r, len(states)):
+                raise ReaderError(
+                    f"reader state {r} is rank {theirs.get('rank')} of "
+                    f"{theirs.get('world_size')}, expected {r} of {len(states)}"
+                )
+            same = (st["epoch"], st.get("history", []), theirs["workers"]) == (
+                first["epoch"],
+                first.get("history", []),
+                first["fingerprint"]["workers"],
+            )
+            if not same:
+                raise ReaderError(f"reader state {r} is at another epoch or segment than rank 0's")
+        epoch, history = first["epoch"], list(first.get("history", []))
+        cursors = [[int(c) for c in st["cursors"]] for st in states]
+        if history or any(any(c) for c in cursors):
+            workers = first["fingerprint"]["workers"]
+            history.append(dict(world_size=len(states), workers=workers, cursors=cursors))
+        remaining = self.remaining(epoch, history)
+        self._start_epoch(epoch)
+        try:
+            if history:
+                self.dataset.set_remaining(remaining)
+                self.history = history
+        except ReaderError:  # too few left for a batch on every new rank: the next epoch
+            log.warning("epoch %d: the %d samples left unread when the world size changed are "
+                        "too few for a batch on every rank and worker; going on with epoch %d",
+                        epoch, len(remaining), epoch + 1)  # fmt: skip
+            self._start_epoch(epoch + 1)
+        totals = sum((Counter(st["errors"]) for st in states), Counter())
+        totals.pop("unlisted_shards", None)
+        self.errors.update({k: 0 for k in totals} if self.rank else totals)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` was taken; refuses a state of another stream."""
@@ -411,7 +492,11 @@ class ShardReader:
         for k, v in mine.items():
             if theirs.get(k) != v:
                 raise ReaderError(f"reader state has {k}={theirs.get(k)!r}, this reader {v!r}")
-        self.epoch = int(state["epoch"])
+        history = list(state.get("history", []))
+        remaining = self.remaining(int(state["epoch"]), history) if history else None
+        self._start_epoch(int(state["epoch"]))
+        self.dataset.set_remaining(remaining)
+        self.history = history
         self._cursors = [int(c) for c in state["cursors"]]
         self._batches = [int(b) for b in state["batches"]]
         self._next = int(state["next_worker"])

@@ -3,6 +3,7 @@ resume skip, safe decode and batching (composed by :mod:`data_shards.read`)."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import logging
@@ -11,7 +12,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice, repeat
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from data_shards.schema import Meta, Sample, SampleError, check_layout, decode_s
 from data_shards.tario import iter_tar_samples
 from data_shards.transforms import Decoded
 from data_shards.untrusted import one_line
+
+if TYPE_CHECKING:
+    from data_shards.resplit import Remaining
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,9 @@ class ShardSlice(NamedTuple):
     count: int = -1
     """The manifest's sample count of the whole shard (-1: unknown). A slice that reads to it
     checks that the file ends there: a count below the real one is an error, not obeyed."""
+    skip: tuple[tuple[int, int], ...] = ()
+    """Runs [a, b) of shard samples inside [start, stop) not to read: the part of an epoch that
+    ranks of an earlier world size consumed (:mod:`data_shards.resplit`)."""
 
 
 class BatchSizes(Sequence[int]):
@@ -190,21 +197,55 @@ def plan_epoch(
         offset += s.samples
 
 
-def _clip(slices: Iterable[ShardSlice], lo: int, hi: int) -> Iterator[ShardSlice]:
+def _clip(
+    slices: Iterable[ShardSlice], lo: int, hi: int, remaining: Remaining | None
+) -> Iterator[ShardSlice]:
+    """The parts of ``slices`` inside positions [lo, hi) of the sequence being split: the
+    epoch's, or with ``remaining`` the positions an earlier world size left unread (lo and hi
+    count those; the slices keep epoch positions and carry the consumed runs as ``skip``)."""
+    if remaining is not None:
+        lo, hi = remaining.epoch_range(lo, hi)
     for s in slices:
         start, stop = max(s.start, lo - s.offset), min(s.stop, hi - s.offset)
-        if start < stop:
-            yield s._replace(start=start, stop=stop)
+        if start >= stop:
+            continue
+        skip = remaining.holes(s.offset + start, s.offset + stop, s.offset) if remaining else ()
+        if sum(b - a for a, b in skip) < stop - start:  # else: nothing of it left to read
+            yield s._replace(start=start, stop=stop, skip=skip)
 
 
-def split_by_node(slices: Iterable[ShardSlice], plan: Plan) -> Iterator[ShardSlice]:
+def split_by_node(
+    slices: Iterable[ShardSlice], plan: Plan, remaining: Remaining | None = None
+) -> Iterator[ShardSlice]:
     """Keep the parts of shards inside this rank's contiguous sample range."""
-    yield from _clip(slices, *plan.rank_range())
+    yield from _clip(slices, *plan.rank_range(), remaining)
 
 
-def split_by_worker(slices: Iterable[ShardSlice], plan: Plan, worker: int) -> Iterator[ShardSlice]:
+def split_by_worker(
+    slices: Iterable[ShardSlice], plan: Plan, worker: int, remaining: Remaining | None = None
+) -> Iterator[ShardSlice]:
     """Keep the parts inside this (logical) worker's batch-aligned sub-range."""
-    yield from _clip(slices, *plan.worker_range(worker))
+    yield from _clip(slices, *plan.worker_range(worker), remaining)
+
+
+def _kept(s: ShardSlice) -> Iterator[int]:
+    """Shard indices of the samples of ``s`` to read, in file order."""
+    at = s.start
+    for a, b in (*s.skip, (s.stop, s.stop)):
+        yield from range(at, a)
+        at = b
+
+
+def _keeper(skip: tuple[tuple[int, int], ...]) -> Callable[[int], bool] | None:
+    if not skip:
+        return None
+    starts = [a for a, _ in skip]
+
+    def keep(i: int) -> bool:
+        j = bisect.bisect_right(starts, i) - 1
+        return j < 0 or i >= skip[j][1]
+
+    return keep
 
 
 def read_shards(slices: Iterable[ShardSlice], ctx: WorkerContext) -> Iterator[dict]:
@@ -219,17 +260,19 @@ def read_shards(slices: Iterable[ShardSlice], ctx: WorkerContext) -> Iterator[di
     each worker went unchecked).
     """
     for s in slices:
-        name, want, got, key, problem = os.path.basename(s.path), s.stop - s.start, 0, "-", ""
-        last = None
+        name, key, problem = os.path.basename(s.path), "-", ""
+        want, got, last = s.stop - s.start - sum(b - a for a, b in s.skip), 0, None
+        first = s.start == 0 and (not s.skip or s.skip[0][0] > 0)  # sample 0 is read
+        indices = _kept(s)
         try:
             samples = iter_tar_samples(s.path, skip=s.start, sha256=s.sha256 or None,
-                                       wanted=is_member)  # fmt: skip
+                                       wanted=is_member, keep=_keeper(s.skip))  # fmt: skip
             with contextlib.closing(samples):
                 for raw in samples:
-                    if got == 0 and s.start == 0 and s.first_key and raw["__key__"] != s.first_key:
+                    if got == 0 and first and s.first_key and raw["__key__"] != s.first_key:
                         problem = f"first key {raw['__key__']!r}, manifest says {s.first_key!r}"
                         break
-                    raw["__shard__"], raw["__index__"] = name, s.offset + s.start + got
+                    raw["__shard__"], raw["__index__"] = name, s.offset + next(indices)
                     got, key = got + 1, raw["__key__"]
                     if got == want:
                         last = raw  # handed out below, once the end of the file is checked

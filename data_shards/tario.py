@@ -74,7 +74,8 @@ class _Hashing:
 
 
 def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None = None,
-                     wanted: Callable[[str], bool] | None = None, digest: Any = None
+                     wanted: Callable[[str], bool] | None = None, digest: Any = None,
+                     keep: Callable[[int], bool] | None = None,
                      ) -> Iterator[dict[str, bytes]]:  # fmt: skip
     """Yield the samples of a tar file as ``{'__key__': key, ext: bytes, ...}`` in file order.
 
@@ -85,7 +86,9 @@ def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None 
     is not a regular file, a sparse or oversized member, or a sha256 mismatch (see the module
     docstring). ``digest`` (a ``hashlib`` object), when given, is fed every byte of the file as
     it is read: a caller reading every sample gets the file's hash from the same single pass
-    (complete once the generator is exhausted without error).
+    (complete once the generator is exhausted without error). ``keep``, when given, is asked
+    for each sample's index in the file (from 0) past ``skip``: samples it rejects are passed
+    over unread like skipped ones.
     """
     shard = os.path.basename(os.fspath(path))
     check_shard_file(path, sha256)
@@ -108,7 +111,8 @@ def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None 
                     if key is not None:
                         index += 1
                     key, names = k, set()
-                    current = {"__key__": k} if index >= skip else None
+                    wanted_sample = index >= skip and (keep is None or keep(index))
+                    current = {"__key__": k} if wanted_sample else None
                 if current is None or not ext:
                     continue
                 if ext in names:

@@ -506,8 +506,9 @@ class CheckpointManager:
             raise CheckpointWriteError(f"checkpoint step {step} not saved (rank {rank}): {message}")
         return CheckpointRef(step, final, dist.broadcast_object(committed))
 
-    def load(self, engine: Any, ref: CheckpointRef) -> dict[str, Any]:
-        """Collective: load the verified ``ref`` into ``engine``; returns the client state."""
+    def load(self, engine: Any, ref: CheckpointRef, optimizer: bool = True) -> dict[str, Any]:
+        """Collective: load the verified ``ref`` into ``engine`` (with the optimizer state unless
+        ``optimizer`` is False); returns the client state."""
         refuse_unsafe_torch_load()
         if not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
             raise CheckpointError("call install_safe_engine(engine) before loading")
@@ -515,7 +516,7 @@ class CheckpointManager:
             str(ref.path),
             tag=DS_TAG,
             load_module_strict=True,
-            load_optimizer_states=True,
+            load_optimizer_states=optimizer,
             load_lr_scheduler_states=False,
         )
         if load_path is None or client_state is None:

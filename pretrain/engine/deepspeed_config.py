@@ -125,6 +125,8 @@ def to_deepspeed_json(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
     }
     if cfg.zero_stage > 0:
         ds["zero_optimization"]["overlap_comm"] = cfg.overlap_comm
+    if cfg.zero_stage in (1, 2):  # partitions a resume on another world size can re-divide
+        ds["zero_optimization"]["elastic_checkpoint"] = True
     return ds
 
 

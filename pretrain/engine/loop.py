@@ -45,13 +45,14 @@ import torch
 from torch import nn
 
 from data_shards.manifest import atomic_write_text
-from pretrain.engine import dist, preflight
+from pretrain.engine import dist, elastic, preflight
 from pretrain.engine.checkpoint import (
     CheckpointCorrupt,
     CheckpointError,
     CheckpointManager,
     CheckpointRef,
     CheckpointWriteError,
+    ResumeMismatch,
     install_safe_engine,
     refuse_unsafe_torch_load,
 )
@@ -263,16 +264,19 @@ def _train(
         env = dist.init_distributed(timeout_s=train_cfg.dist_timeout_s)
         _check_reader(reader, engine_cfg, env)
         ckpt = CheckpointManager(out, keep=train_cfg.keep_checkpoints)
+        ref = _find_checkpoint(ckpt, train_cfg)
+        if ref is not None:  # another world size: the accumulation that keeps the global batch
+            engine_cfg = elastic.engine_for(ref, engine_cfg, env.world_size)
         meta = {
             "world_size": env.world_size,
             "config": _resolved_config(config_json, engine_cfg, train_cfg),
             "code_version": code_version(),
         }
-        ref = _find_resumable(ckpt, meta, train_cfg)
+        _check_resumable(ckpt, ref, meta, train_cfg)
         if ref is None:
             seed_everything(train_cfg.seed, env.rank)
         engine = build_engine(task, engine_cfg, env.world_size)
-        state, ref = _resume(ckpt, engine, reader, ref, meta, train_cfg, engine_cfg.grad_accum)
+        state, ref = _resume(ckpt, engine, reader, ref, meta, train_cfg, engine_cfg)
         with MetricsLogger(
             out,
             dist.is_main(),
@@ -293,19 +297,29 @@ def _train(
     return result
 
 
-def _find_resumable(
-    ckpt: CheckpointManager, meta: dict[str, Any], train_cfg: TrainConfig
-) -> CheckpointRef | None:
-    """The verified checkpoint to resume from (checked against this run), or None; then
-    rank 0 records the resolved config in ``out_dir/config.json``."""
+def _find_checkpoint(ckpt: CheckpointManager, train_cfg: TrainConfig) -> CheckpointRef | None:
+    """The verified checkpoint to resume from, or None on a fresh run."""
     if train_cfg.resume:
-        ref = ckpt.find()
-        if ref is not None:
-            check_compatible(ref.meta, meta, train_cfg.resume_may_change)
-    elif ckpt.steps():
+        return ckpt.find()
+    if ckpt.steps():
         raise CheckpointError(f"{ckpt.root} holds checkpoints and resume is off: use a new --out")
-    else:
-        ref = None
+    return None
+
+
+def _check_compatible(ref: CheckpointRef, meta: dict[str, Any], train_cfg: TrainConfig) -> None:
+    """``ref`` against this run: every config field but those that may change (and the
+    accumulation, when the world size changed and the global batch is kept)."""
+    may_change = train_cfg.resume_may_change + elastic.may_change(ref, meta["world_size"])
+    check_compatible(ref.meta, meta, may_change, world_may_change=True)
+    elastic.check_global_batch(ref, meta)
+
+
+def _check_resumable(ckpt: CheckpointManager, ref: CheckpointRef | None, meta: dict[str, Any],
+                     train_cfg: TrainConfig) -> None:  # fmt: skip
+    """Check ``ref`` against this run; then rank 0 records the resolved config in
+    ``out_dir/config.json``."""
+    if ref is not None:
+        _check_compatible(ref, meta, train_cfg)
     if dist.is_main():
         ckpt.root.parent.mkdir(parents=True, exist_ok=True)
         _write_config(ckpt.root.parent / "config.json", json.dumps(meta, indent=1) + "\n")
@@ -327,42 +341,59 @@ def _write_config(path: Path, text: str) -> None:
 
 def _resume(ckpt: CheckpointManager, engine: Any, reader: Any, ref: CheckpointRef | None,
             meta: dict[str, Any], train_cfg: TrainConfig,
-            accum: int) -> tuple[_State, CheckpointRef | None]:  # fmt: skip
+            engine_cfg: EngineConfig) -> tuple[_State, CheckpointRef | None]:  # fmt: skip
     """Collective: load ``ref`` into the engine, the reader and the RNGs. A checkpoint that
     verified against its manifest but will not load (a file rewritten behind a rewritten
     manifest) or holds an invalid resume state is moved aside as ``step_N.corrupt`` with one
     warning naming the file, and the next valid checkpoint is loaded (all ranks agree first);
-    none left is an error. Returns the state and the checkpoint actually resumed from."""
+    none left is an error. A checkpoint of another world size is re-divided
+    (:mod:`pretrain.engine.elastic`). Returns the state and the checkpoint actually resumed
+    from."""
     while ref is not None:
         problem = None
         try:
-            state = _restore(ckpt.load(engine, ref), reader, dist.get_rank(), ref, accum)
+            client = elastic.load(ckpt, engine, ref)
+            state = _restore(client, reader, ref, engine_cfg, train_cfg.seed)
         except CheckpointCorrupt as e:
             problem = f"rank {dist.get_rank()}: {e}"
         problems = [p for p in dist.all_gather_object(problem) if p]
         if not problems:
             return state, ref
         ref = ckpt.reject(ref, problems[0])
-        check_compatible(ref.meta, meta, train_cfg.resume_may_change)
+        _check_compatible(ref, meta, train_cfg)
     return _State(), None
 
 
-def _restore(client: Mapping[str, Any], reader: Any, rank: int, ref: CheckpointRef,
-             accum: int) -> _State:  # fmt: skip
+def _restore(client: Mapping[str, Any], reader: Any, ref: CheckpointRef,
+             engine_cfg: EngineConfig, seed: int) -> _State:  # fmt: skip
     """Check every field of the saved state against this run before applying any of it:
-    :class:`CheckpointCorrupt` naming the file and the field when one is wrong."""
+    :class:`CheckpointCorrupt` naming the file and the field when one is wrong. A state of
+    another world size continues the epoch on this one (the reader re-splits it) with the
+    global RNGs seeded from (seed, step, rank)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    old = elastic.saved_world(ref)
+    max_epoch = ref.step * engine_cfg.global_batch(world)  # an epoch takes a sample at least
     try:
         if not isinstance(client, Mapping) or CLIENT_KEY not in client:
             raise ValueError(f"no {CLIENT_KEY!r} state (not written by this engine)")
         ours = client[CLIENT_KEY]
-        check_loop_state(ours, ref.step, ref.meta.get("config"), dist.get_world_size())
-        mine = ours["ranks"][rank]
-        check_rng_state(mine["rng"])
-        check_reader_state(mine["reader"], reader, ref.step * accum)
+        check_loop_state(ours, ref.step, ref.meta.get("config"), old)
+        for entry in ours["ranks"] if old != world else [ours["ranks"][rank]]:
+            check_rng_state(entry["rng"])
+            check_reader_state(entry["reader"], reader, max_epoch)
+        if old != world:
+            if not hasattr(reader, "resplit"):
+                raise ResumeMismatch(f"world_size: checkpoint written by {old} ranks, this run "
+                                     f"has {world}, and {type(reader).__name__} cannot "
+                                     "re-split an epoch")  # fmt: skip
+            reader.resplit([entry["reader"] for entry in ours["ranks"]])
     except ValueError as e:
         raise CheckpointCorrupt(f"{ref.client_file(rank)}: resume state {e}") from None
-    reader.load_state_dict(mine["reader"])  # a state of another stream: refused, naming it
-    restore_rng(mine["rng"])
+    if old != world:
+        elastic.reseed(seed, ref.step, rank)
+    else:
+        reader.load_state_dict(ours["ranks"][rank]["reader"])  # another stream: refused
+        restore_rng(ours["ranks"][rank]["rng"])
     return _State(ours["step"], ours["skipped_steps"], ours["bad_in_row"])
 
 

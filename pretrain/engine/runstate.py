@@ -40,13 +40,17 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_compatible(
-    saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str] = ()
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    ignore: Iterable[str] = (),
+    world_may_change: bool = False,
 ) -> None:
     """Raise :class:`ResumeMismatch` naming the first field whose value differs between the
-    checkpoint's meta and this run's (``world_size``, then every field of ``config``). Fields
-    named in ``ignore`` (dotted, e.g. ``train.max_steps``) may change, wherever they sit in the
-    config tree (``run.train.max_steps`` too), with everything below them."""
-    if saved.get("world_size") != current.get("world_size"):
+    checkpoint's meta and this run's (``world_size`` unless ``world_may_change``, then every
+    field of ``config``). Fields named in ``ignore`` (dotted, e.g. ``train.max_steps``) may
+    change, wherever they sit in the config tree (``run.train.max_steps`` too), with everything
+    below them."""
+    if not world_may_change and saved.get("world_size") != current.get("world_size"):
         raise ResumeMismatch(
             f"world_size: checkpoint written by {saved.get('world_size')} ranks, this run has "
             f"{current.get('world_size')} (convert it explicitly, e.g. DeepSpeed's "
@@ -109,9 +113,10 @@ def _mix(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    """Seed python, numpy and torch global RNGs from (seed, rank)."""
-    s = _mix(seed, rank)
+def seed_everything(seed: int, rank: int, step: int | None = None) -> None:
+    """Seed python, numpy and torch global RNGs from (seed, rank), and ``step`` when a run
+    continues without saved RNG states (another world size: :mod:`pretrain.engine.elastic`)."""
+    s = _mix(seed, rank) if step is None else _mix(seed, rank, step, 1)
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
@@ -159,7 +164,7 @@ def _fields(state: Any, names: tuple[str, ...], what: str) -> None:
 def check_loop_state(state: Any, step: int, config: Any, world_size: int) -> None:
     """The loop's own saved state against the checkpoint it came from: ``step`` equal to the
     checkpoint's step, counters within [0, step], the config copy equal to the manifest's,
-    one entry per rank of ``world_size`` (the manifest's world size was checked already)."""
+    one entry per rank of ``world_size`` (the manifest's)."""
     _fields(state, _LOOP_FIELDS, "state")
     s = state
     _need(_is_int(s["step"]) and s["step"] == step, "step", s["step"], f"{step} (the checkpoint's)")
@@ -258,8 +263,13 @@ def check_reader_state(state: Any, reader: Any, max_epoch: int) -> None:
     _need(isinstance(state["fingerprint"], Mapping), "reader.fingerprint", state["fingerprint"],
           "a mapping")  # fmt: skip
     if state["fingerprint"] != reader.state_dict()["fingerprint"]:
-        return  # another stream: ShardReader.load_state_dict refuses it, naming the field
-    plan = reader.dataset.plan
+        return  # another stream (or world size): load_state_dict / resplit check it
+    history = state.get("history", [])
+    try:  # the segment the cursors count in, after earlier world sizes within the epoch
+        total = len(reader.remaining(epoch, history)) if history else reader.dataset.epoch_total
+    except ValueError as e:
+        raise ValueError(f"reader.{e}") from None
+    plan = reader.dataset.plan_for(total)
     _need(workers == plan.workers, "reader.cursors", cursors, f"{plan.workers} (loader workers)")
     for w in range(workers):
         lo, hi = plan.worker_range(w)

@@ -23,11 +23,13 @@ from data_shards.read import ReaderConfig, ShardReader
 from data_shards.write import write_split
 from pretrain.engine import checkpoint as ck
 from pretrain.engine import loop
+from pretrain.engine.deepspeed_config import EngineConfig
 from pretrain.engine.runstate import capture_rng
 
 MODEL_FILE = "deepspeed/mp_rank_00_model_states.pt"
 CONFIG = {"run": {"recipe": "test"}}
 META = {"world_size": 1, "config": CONFIG, "code_version": "test"}
+ENGINE = EngineConfig(micro_batch_per_rank=2)
 
 
 class _Engine:
@@ -109,7 +111,7 @@ def test_file_that_fails_to_load_after_verifying_falls_back(tmp_path, reader, ca
     ref = m.find()
     assert ref.step == 4  # verified: only the load can tell
     with caplog.at_level(logging.WARNING, logger="pretrain.engine.checkpoint"):
-        state, got = loop._resume(m, _Engine(), reader, ref, META, loop.TrainConfig(), 1)
+        state, got = loop._resume(m, _Engine(), reader, ref, META, loop.TrainConfig(), ENGINE)
     assert got.step == 2 and state.step == 2 and not marker.exists()
     assert (m.root / "step_4.corrupt").is_dir() and not (m.root / "step_4").exists()
     warning = next(r.getMessage() for r in caplog.records if "moved" in r.getMessage())
@@ -146,7 +148,7 @@ def test_tampered_cursor_falls_back_to_the_previous_checkpoint(tmp_path, reader,
     bad[loop.CLIENT_KEY]["ranks"][0]["reader"]["cursors"] = [1_000_000]  # beyond the data
     f = _rewrite(m.root / "step_4", {"module": {}, "client": bad})
     with caplog.at_level(logging.WARNING, logger="pretrain.engine.checkpoint"):
-        state, got = loop._resume(m, _Engine(), reader, m.find(), META, loop.TrainConfig(), 1)
+        state, got = loop._resume(m, _Engine(), reader, m.find(), META, loop.TrainConfig(), ENGINE)
     assert got.step == state.step == 2 and (m.root / "step_4.corrupt").is_dir()
     assert any(f"{f}: resume state reader.cursors[0]: 1000000, expected 0..8" in r.getMessage()
                for r in caplog.records)  # fmt: skip
@@ -159,7 +161,7 @@ def test_no_valid_checkpoint_left_is_an_error_then_and_later(tmp_path, reader):
     bad[loop.CLIENT_KEY]["step"] = 40
     _save(m.root, 4, bad)
     with pytest.raises(ck.CheckpointError, match="resume state step: 40, expected 4"):
-        loop._resume(m, _Engine(), reader, m.find(), META, loop.TrainConfig(), 1)
+        loop._resume(m, _Engine(), reader, m.find(), META, loop.TrainConfig(), ENGINE)
     (m.root / "latest").unlink()  # even without the pointer: no silent fresh start
     with pytest.raises(ck.CheckpointError, match="no valid checkpoint"):
         ck.CheckpointManager(tmp_path / "run").resolve()
@@ -175,7 +177,7 @@ def test_a_state_of_another_stream_is_refused_not_moved_aside(tmp_path, reader):
     client[loop.CLIENT_KEY]["ranks"][0]["reader"]["fingerprint"]["seed"] = 99
     _save(m.root, 4, client)
     with pytest.raises(ReaderError, match="seed=99"):
-        loop._resume(m, _Engine(), reader, m.find(), META, loop.TrainConfig(), 1)
+        loop._resume(m, _Engine(), reader, m.find(), META, loop.TrainConfig(), ENGINE)
     assert (m.root / "step_4").is_dir() and not list(m.root.glob("*.corrupt"))
 
 
@@ -240,11 +242,12 @@ def test_every_field_of_the_resume_state_is_checked_before_any_is_applied(tmp_pa
     (ref_dir / MODEL_FILE).touch()
     ref = ck.CheckpointRef(4, ref_dir, {"meta": META})
     client = _client(4, reader)
-    loop._restore(copy.deepcopy(client), reader, 0, ref, 1)  # the untouched state is fine
+    engine = EngineConfig(micro_batch_per_rank=reader.config.batch_size)
+    loop._restore(copy.deepcopy(client), reader, ref, engine, 0)  # the untouched state is fine
     TAMPERED[name](client[loop.CLIENT_KEY])
     reader_before, rng_before = reader.state_dict(), (random.getstate(), np.random.get_state())
     with pytest.raises(ck.CheckpointCorrupt) as err:
-        loop._restore(client, reader, 0, ref, 1)
+        loop._restore(client, reader, ref, engine, 0)
     message = str(err.value)
     assert message.startswith(f"{ref_dir / MODEL_FILE}: resume state {name.split('-')[0]}")
     assert "\n" not in message

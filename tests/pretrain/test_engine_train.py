@@ -93,7 +93,41 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--signal-at", type=int, nargs=2, default=None)
     p.add_argument("--kill-in-commit", type=int, default=0)
     p.add_argument("--disk-full-at", type=int, default=0)
+    p.add_argument("--dump-optimizer", action="store_true")
     return p.parse_args(argv)
+
+
+def _dump_optimizer_around_runs(out: Path) -> None:
+    """Write the full fp32 weights and Adam moments (assembled from every rank's partition)
+    when a call to the loop starts (after the resume) and when it ends."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from pretrain.engine import dist, loop
+
+    def dump(engine, step: int, when: str) -> None:
+        # ZeRO-1/2 link each parameter to its moments after a step; here before one too
+        getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", lambda: None)()
+        state = {}
+        for name, p in engine.module.named_parameters():
+            full = safe_get_full_fp32_param(p)  # collective under ZeRO
+            opt = engine.optimizer.state.get(p, {}) if full is None else {}
+            state[name] = p.detach().clone() if full is None else full.clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = opt.get(key) if full is None else safe_get_full_optimizer_state(p, key)
+                state[f"{name}.{key}"] = value.clone()
+        if dist.is_main():
+            torch.save(state, out / f"optimizer_step{step}_{when}_world{dist.get_world_size()}.pt")
+
+    run = loop._Loop.run
+
+    def dumping_run(self, state, ref):
+        if state.step:  # a fresh optimizer has no moments yet
+            dump(self.engine, state.step, "start")
+        result = run(self, state, ref)
+        dump(self.engine, result.step, "end")
+        return result
+
+    loop._Loop.run = dumping_run
 
 
 def _inject_checkpoint_faults(a: argparse.Namespace) -> None:
@@ -137,6 +171,8 @@ def main(argv: list[str]) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     _inject_checkpoint_faults(a)
+    if a.dump_optimizer:
+        _dump_optimizer_around_runs(out)
     env = DistEnv.from_environ()
     torch.manual_seed(0)  # the same initial weights on every run (DeepSpeed broadcasts rank 0's)
     task = TinyTask(seed=0, rank=env.rank, faults=a, out=out)
@@ -380,12 +416,16 @@ def test_disk_full_during_save_names_the_file(shards, tmp_path):
     assert CheckpointManager(tmp_path).resolve()[0].step == 2
 
 
-def test_resume_refuses_another_world_size_or_config(shards, reference, tmp_path):
+def test_resume_refuses_a_world_size_without_the_global_batch_or_another_config(
+    shards, reference, tmp_path
+):
     out = tmp_path / "copy"
     shutil.copytree(reference, out)
-    p = run(shards, out, "--steps", 12)
+    p = run(shards, out, "--steps", 12, nproc=3)
     assert_ok(p, 1)
-    assert "ResumeMismatch: world_size: checkpoint written by 2 ranks, this run has 1" in p.stderr
+    assert ("ResumeMismatch: world_size: checkpoint written by 2 ranks with a global batch of 8 "
+            "(4 per rank x 1 accumulation x 2); 3 ranks cannot keep it (world sizes that can: "
+            "1, 2)") in p.stderr  # fmt: skip
     p = run(shards, out, "--steps", 12, "--lr", 0.1, nproc=2)
     assert_ok(p, 1)
     assert "engine.optimizer.lr: checkpoint has 0.03, this run 0.1" in p.stderr
@@ -428,3 +468,53 @@ def test_nan_inside_accumulation_window_leaves_weights_unchanged(shards, tmp_pat
     )
     assert not torch.equal(m1["conv.weight"], m2["conv.weight"])  # a normal step moves them
     assert all(torch.equal(m2[k], m3[k]) for k in m2)
+
+
+@pytest.fixture(scope="module")
+def shards64(tmp_path_factory):
+    """64 samples in shards of 8: 4 steps per epoch at a global batch of 16."""
+    from conftest import make_sample
+
+    from data_shards.write import WriterConfig, write_split
+
+    root = tmp_path_factory.mktemp("elastic-shards")
+    samples = [make_sample(key=f"k{i:04d}", seed=i, views=1, frames=2, size=(16, 16))
+               for i in range(64)]  # fmt: skip
+    write_split(root, "train", samples, source={"test": True}, generator={},
+                config=WriterConfig(max_samples=8))  # fmt: skip
+    return root / "train"
+
+
+def test_resume_on_another_world_size_keeps_data_optimizer_and_loss(shards64, tmp_path):
+    """2 ranks x 2 accumulation -> 4 ranks -> 1 rank -> 2 ranks, the same command each time:
+    the global batch of 16 is kept, every sample of an epoch is read once across the changes,
+    Adam's moments and the fp32 weights carry over exactly, the loss follows an uninterrupted
+    run."""
+    common = ("--batch", 4, "--accum", 2, "--zero", 2, "--ckpt-every", 100, "--dump-optimizer")
+    ref = tmp_path / "uninterrupted"
+    assert_ok(run(shards64, ref, "--steps", 8, *common, nproc=2))
+    out = tmp_path / "elastic"
+    for stop, nproc in ((3, 2), (5, 4), (7, 1)):  # preempted (exit 75), requeued on other nodes
+        assert_ok(
+            run(shards64, out, "--steps", 8, "--signal-at", stop, 0, *common, nproc=nproc), 75
+        )
+    assert_ok(run(shards64, out, "--steps", 8, *common, nproc=2))
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    for step, before, after in ((3, 2, 4), (5, 4, 1), (7, 1, 2)):
+        saved = torch.load(out / f"optimizer_step{step}_end_world{before}.pt", weights_only=True)
+        loaded = torch.load(out / f"optimizer_step{step}_start_world{after}.pt", weights_only=True)
+        assert saved.keys() == loaded.keys() and any("exp_avg_sq" in k for k in saved)
+        for k in saved:
+            assert torch.equal(saved[k], loaded[k]), f"{k} changed from {before} to {after} ranks"
+    seen: dict[int, list[str]] = {}
+    for rank in range(4):
+        for step, batches in keys_by_step(out, rank).items():
+            seen.setdefault(step, []).extend(k for b in batches for k in b)
+    for epoch, steps in ((0, range(1, 5)), (1, range(5, 9))):
+        keys = [k for s in steps for k in seen[s]]
+        assert sorted(keys) == [f"k{i:04d}" for i in range(64)], f"epoch {epoch}"
+    got, want = metrics(out), metrics(ref)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+    for a, b in zip(got, want, strict=True):  # other batches, the same optimization
+        assert abs(a["loss"] - b["loss"]) <= 0.25 * b["loss"], (a["step"], a["loss"], b["loss"])

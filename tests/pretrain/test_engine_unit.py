@@ -363,3 +363,36 @@ def test_batch_stream_crosses_epochs_without_touching_the_rng():
     assert frames_in({"frames": torch.zeros(2, 3, 4, 3, 8, 8)}) == 24
     with pytest.raises(RuntimeError, match="no batches"):
         BatchStream(_ListReader(0), torch.device("cpu")).next()
+
+
+def test_another_world_size_keeps_the_global_batch_or_names_the_sizes_that_can(tmp_path):
+    from pretrain.engine import elastic
+    from pretrain.engine.checkpoint import CheckpointCorrupt, CheckpointRef, ResumeMismatch
+    from pretrain.engine.deepspeed_config import EngineConfig
+
+    def ref(world, accum=2, micro=4):
+        engine = {"micro_batch_per_rank": micro, "grad_accum": accum}
+        return CheckpointRef(8, tmp_path, {"meta": {"world_size": world,
+                                                    "config": {"engine": engine}}})  # fmt: skip
+
+    cfg = EngineConfig(micro_batch_per_rank=4, grad_accum=2, zero_stage=2)
+    assert elastic.engine_for(ref(2), cfg, 2) is cfg
+    assert [elastic.engine_for(ref(2), cfg, w).grad_accum for w in (1, 4)] == [4, 1]
+    assert elastic.may_change(ref(2), 4) == ("engine.grad_accum",)
+    assert elastic.may_change(ref(2), 2) == elastic.may_change(None, 4) == ()
+    with pytest.raises(
+        ResumeMismatch, match=r"global batch of 16 .*world sizes that can: 1, 2, 4\)$"
+    ):
+        elastic.engine_for(ref(2), cfg, 3)
+    with pytest.raises(ResumeMismatch, match="8 ranks cannot keep it"):
+        elastic.engine_for(ref(2), cfg, 8)
+    with pytest.raises(ResumeMismatch, match="ZeRO-3 optimizer partitions"):
+        elastic.engine_for(ref(2), EngineConfig(zero_stage=3, micro_batch_per_rank=4), 4)
+    with pytest.raises(ResumeMismatch, match="bf16 without ZeRO"):
+        elastic.engine_for(ref(2), EngineConfig(precision="bf16", micro_batch_per_rank=4), 4)
+    with pytest.raises(CheckpointCorrupt, match="world_size 'two' is not a count"):
+        elastic.engine_for(ref("two"), cfg, 4)
+    meta = {"world_size": 4, "config": {"engine": {"micro_batch_per_rank": 4, "grad_accum": 1}}}
+    elastic.check_global_batch(ref(2), meta)
+    with pytest.raises(ResumeMismatch, match="global batch: checkpoint .* has 16, this run 32"):
+        elastic.check_global_batch(ref(2), {**meta, "world_size": 8})
