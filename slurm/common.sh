@@ -117,6 +117,14 @@ posebert_finish() {
     # job (array task: JOBID_TASKID) and exits 0 so the job is not marked failed; capped by
     # POSEBERT_MAX_RESTARTS against SLURM_RESTART_COUNT.
     local code=$1 restarts=${SLURM_RESTART_COUNT:-0} id=${SLURM_JOB_ID:-}
+    if (( code == 138 || code == 140 )); then
+        # 128 + SIGUSR1 / SIGUSR2: a rank got Slurm's warning in the few milliseconds before
+        # Python ran its first line (afterwards the signal is recorded, never fatal), so it had
+        # trained nothing since the last checkpoint: requeue it like a preempted run
+        posebert_log "a rank was ended by SIGUSR$(( code == 138 ? 1 : 2 )) while starting," \
+            "before it could record it: nothing trained since the last checkpoint; as preempted"
+        code=75
+    fi
     if (( code != 75 )); then
         posebert_log "ranks exited with code $code"
         exit "$code"

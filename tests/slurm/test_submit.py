@@ -463,7 +463,8 @@ def _pretrain(tmp_path: Path, shards: Path | None = None) -> jobs.Job:
 
 @pytest.mark.parametrize(
     "code, restarts, want_exit, requeued",
-    [(75, "0", 0, True), (75, "3", 75, False), (3, "0", 3, False), (0, "0", 0, False)],
+    [(75, "0", 0, True), (75, "3", 75, False), (3, "0", 3, False), (0, "0", 0, False),
+     (138, "0", 0, True), (143, "0", 143, False)],  # fmt: skip
 )
 def test_pretrain_script_requeues_on_75(tmp_path, script_env, code, restarts, want_exit, requeued):
     env, log = script_env
@@ -475,6 +476,8 @@ def test_pretrain_script_requeues_on_75(tmp_path, script_env, code, restarts, wa
     assert ("scontrol requeue 77" in calls) == requeued
     if code == 75 and not requeued:
         assert "POSEBERT_MAX_RESTARTS" in p.stderr
+    if code == 138:  # SIGUSR1 before the rank's first line of Python: nothing to lose
+        assert "ended by SIGUSR1 while starting" in p.stderr
 
 
 def test_pretrain_script_finds_array_parts(tmp_path, script_env):
