@@ -26,6 +26,14 @@ if TYPE_CHECKING:
 
 SEP = "~"
 """Joins a clip's name and its augmentation tags: ``walk~mirror``, ``walk~x1.25``."""
+
+
+def source_clip(name: str) -> str:
+    """The clip an augmented copy comes from (``walk~mirror`` -> ``walk``); a plain clip's
+    name is its own."""
+    return name.split(SEP, 1)[0]
+
+
 MIN_SPEED, MAX_SPEED = 0.1, 10.0
 """Playback speeds allowed for time-warped copies: beyond them a copy is over ten times longer
 than its clip, or a few frames long."""

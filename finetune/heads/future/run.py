@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_shards.augment import source_clip
 from data_shards.configtools import to_dict
 from data_shards.manifest import Manifest, find_splits
 from data_shards.skeleton import NUM_JOINTS, ROOT
@@ -141,7 +142,7 @@ def run_future(shards: str | os.PathLike, out_dir: str | os.PathLike, config: Fu
         )
     eval_clips = [c for name in config.eval_splits for c in read_motion(splits[name], name)]
     count = config.select_clips
-    sources = {c.name.split("~", 1)[0] for c in train_clips}
+    sources = {source_clip(c.name) for c in train_clips}
     if count and len(sources) - count < 2:
         print(f"finetune future: only {len(sources)} train clips long enough; none held out "
               "to choose the model (the last step, the full transformer share)", file=sys.stderr)
@@ -204,13 +205,13 @@ def hold_out(clips: list[Clip], count: int) -> tuple[list[Clip], list[Clip]]:
     clip's copies are not trained on, and copies are never held out themselves."""
     if count == 0:
         return clips, []
-    sources = sorted({c.name.split("~", 1)[0] for c in clips})
+    sources = sorted({source_clip(c.name) for c in clips})
     if len(sources) - count < 2:
         raise ValueError(f"select_clips={count} leaves fewer than 2 of the {len(sources)} "
                          "train clips for training (set select_clips=0)")  # fmt: skip
     picks = np.linspace(0, len(sources) - 1, count + 2)[1:-1].round().astype(int).tolist()
     held = {sources[i] for i in picks}
-    return ([c for c in clips if c.name.split("~", 1)[0] not in held],
+    return ([c for c in clips if source_clip(c.name) not in held],
             sorted((c for c in clips if c.name in held), key=lambda c: c.name))  # fmt: skip
 
 
