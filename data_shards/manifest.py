@@ -204,7 +204,7 @@ def _check_manifest(d: object) -> str:
     required = ("split", "shards", "views", "frames", "image_size", "fps", "has")
     if problem := _field_problems(d, _FIELDS, required, ""):
         return problem
-    names = set()
+    names, first_keys = set(), {}
     for i, shard in enumerate(d["shards"]):
         where = f"shards[{i}]."
         if not isinstance(shard, dict):
@@ -215,6 +215,11 @@ def _check_manifest(d: object) -> str:
         if shard["name"] in names:
             return f"{where}name: {brief(shard['name'])} listed twice"
         names.add(shard["name"])
+        key = shard.get("first_key", "")
+        if key and key in first_keys:  # a copy of a shard under another name: its samples twice
+            return (f"{where}first_key: {brief(key)} also begins {brief(first_keys[key])} "
+                    "(the same samples listed twice?)")  # fmt: skip
+        first_keys[key] = shard["name"]
         counted = sum(shard.get("actions", {}).values())
         if shard.get("actions") and counted != shard["samples"]:
             return f"{where}actions: add up to {counted}, not samples={shard['samples']}"

@@ -92,7 +92,7 @@ def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None 
     """
     shard = os.path.basename(os.fspath(path))
     check_shard_file(path, sha256)
-    index, current, key, names = 0, None, None, set()
+    index, current, key, names, keys = 0, None, None, set(), set()
     try:
         with open(path, "rb") as f, tarfile.open(
             fileobj=(src := f if digest is None else _Hashing(f, digest)), mode="r|"
@@ -110,7 +110,10 @@ def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None 
                         yield current
                     if key is not None:
                         index += 1
+                    if k in keys:  # a sample written twice: delivering it again would repeat it
+                        raise ShardError(shard, f"sample key {k!r} appears twice")
                     key, names = k, set()
+                    keys.add(k)
                     wanted_sample = index >= skip and (keep is None or keep(index))
                     current = {"__key__": k} if wanted_sample else None
                 if current is None or not ext:

@@ -171,7 +171,8 @@ def test_the_epoch_plan_costs_nothing_per_claimed_batch(tmp_path):
     d = json.loads((build_pristine(tmp_path / "real") / "manifest.json").read_text())
     shard = d["shards"][0]
     d["shards"] = [{**shard, "name": f"gone-{i:06d}.tar", "samples": MAX_SHARD_SAMPLES,
-                    "actions": {"walk": MAX_SHARD_SAMPLES}} for i in range(20_000)]  # fmt: skip
+                    "first_key": f"g{i:06d}", "actions": {"walk": MAX_SHARD_SAMPLES}}
+                   for i in range(20_000)]  # fmt: skip
     d["samples"] = 20_000 * MAX_SHARD_SAMPLES
     (split / "manifest.json").write_text(json.dumps(d))
     start = time.monotonic()
