@@ -61,6 +61,13 @@ def check_shard_file(path: str | os.PathLike, sha256: str | None = None) -> None
                                     "no sample of it is read")  # fmt: skip
 
 
+def _kind(info: tarfile.TarInfo) -> str:
+    kinds = (("symbolic link", info.issym()), ("hard link", info.islnk()),
+             ("directory", info.isdir()), ("FIFO", info.isfifo()),
+             ("device", info.isdev()))  # fmt: skip
+    return next((name for name, yes in kinds if yes), "a special member")
+
+
 class _Hashing:
     """A binary file that feeds every byte read through it to ``digest``."""
 
@@ -76,6 +83,7 @@ class _Hashing:
 def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None = None,
                      wanted: Callable[[str], bool] | None = None, digest: Any = None,
                      keep: Callable[[int], bool] | None = None,
+                     others: list[str] | None = None,
                      ) -> Iterator[dict[str, bytes]]:  # fmt: skip
     """Yield the samples of a tar file as ``{'__key__': key, ext: bytes, ...}`` in file order.
 
@@ -88,7 +96,8 @@ def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None 
     it is read: a caller reading every sample gets the file's hash from the same single pass
     (complete once the generator is exhausted without error). ``keep``, when given, is asked
     for each sample's index in the file (from 0) past ``skip``: samples it rejects are passed
-    over unread like skipped ones.
+    over unread like skipped ones. ``others``, when given, receives a line for each member that
+    is not a regular file (name and kind), passed over as always.
     """
     shard = os.path.basename(os.fspath(path))
     check_shard_file(path, sha256)
@@ -99,6 +108,8 @@ def iter_tar_samples(path: str | os.PathLike, skip: int = 0, sha256: str | None 
         ) as tar:
             for info in tar:
                 if not info.isfile():
+                    if others is not None:
+                        others.append(f"member {info.name!r}: {_kind(info)}, not read")
                     continue
                 if info.issparse() or info.size > MAX_MEMBER_BYTES:
                     what = "a sparse member" if info.issparse() else f"{info.size} bytes"
