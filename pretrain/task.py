@@ -43,6 +43,7 @@ class PretrainTask(nn.Module):
         self.objective = objective
         self.seed, self.rank, self.gather = seed, rank, gather
         self.collapse = CollapseMonitor()
+        self.quantized = model.quantizer.enabled
 
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         generator = step_generator(self.seed, step, self.rank)
@@ -57,6 +58,7 @@ class PretrainTask(nn.Module):
             diversity=out.diversity_loss,
             gather=self.gather,
             rank=self.rank,
+            quantized=self.quantized,
         )
         metrics.update({k: float(v) for k, v in out.quantizer_stats.items()})
         warning = self.collapse.update(metrics)

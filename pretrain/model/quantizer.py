@@ -133,6 +133,8 @@ class GumbelProductQuantizer(nn.Module):
 
 
 def _perplexity(marginal: torch.Tensor) -> torch.Tensor:
-    """Sum over groups of exp(entropy) of each group's distribution (G, V): in [G, GV]."""
-    entropy = -torch.special.xlogy(marginal, marginal).sum(-1)  # (G,), 0 log 0 = 0
+    """Sum over groups of exp(entropy) of each group's distribution (G, V): in [G, GV]. The
+    gradient stays finite where a probability underflows to exactly 0 (log p's would be -inf:
+    a sharpening codebook turned every step non-finite)."""
+    entropy = -torch.special.xlogy(marginal, marginal.clamp_min(1e-30)).sum(-1)  # 0 log 0 = 0
     return entropy.exp().sum()

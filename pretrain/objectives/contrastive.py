@@ -147,6 +147,7 @@ def contrastive_loss(
     diversity: Tensor | None = None,
     gather: GatherFn = identity_gather,
     rank: int = 0,
+    quantized: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """Contrastive loss of a batch and its metrics.
 
@@ -163,6 +164,10 @@ def contrastive_loss(
             local part's gradient; the identity in a single process. Used by the samplers that
             draw from the whole pool (``gt_pose``, ``cosine``).
         rank: this rank's position in the gathered pool.
+        quantized: the targets are quantizer codes. A distractor identical to the target is
+            then still a distractor: dropping it (wav2vec 2.0's rule for duplicated frames)
+            makes a codebook collapsed to one code a zero-loss solution, which a CPU-length
+            run found within 24 steps.
 
     Returns:
         (total loss, metrics): ``loss``, ``loss_contrastive``, ``loss_diversity``, ``accuracy``
@@ -185,8 +190,11 @@ def contrastive_loss(
     unit = F.normalize(pool.targets.float(), dim=-1)  # (M, P), normalized once before indexing
     pos_unit = unit[pool.offset + _positive_rows(mask, config.multiview_positives)]  # (A, Vp, P)
     neg_unit = unit[sample.index]  # (A, K, P)
-    # wav2vec 2.0: a distractor identical to the target (a duplicated frame) is no negative.
-    used = sample.valid & ~(neg_unit == pos_unit[:, :1]).all(dim=-1)
+    # wav2vec 2.0: a distractor identical to the target (a duplicated frame) is no negative;
+    # not for codes (see ``quantized``)
+    used = sample.valid
+    if not quantized:
+        used = used & ~(neg_unit == pos_unit[:, :1]).all(dim=-1)
     pos_sim = torch.einsum("ap,avp->av", ctx, pos_unit)  # (A, Vp)
     neg_sim = torch.einsum("ap,akp->ak", ctx, neg_unit)  # (A, K)
     pos_logit = pos_sim / config.temperature

@@ -108,3 +108,39 @@ def test_temperature_schedule():
 def test_config_validation(kw, field):
     with pytest.raises(ValueError, match=f"QuantizerConfig.{field}"):
         QuantizerConfig(**kw)
+
+
+def test_perplexity_gradient_is_finite_where_a_probability_is_exactly_zero():
+    """A sharpening codebook underflows probabilities to 0; log 0's gradient made every step
+    of a full run non-finite (step 49 of the ablation's quantizer variant)."""
+    from pretrain.model.quantizer import _perplexity
+
+    logits = torch.tensor([[200.0, 0.0, -200.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    marginal = logits.softmax(-1)
+    assert (marginal == 0).any()
+    perplexity = _perplexity(marginal)
+    perplexity.backward()
+    assert math.isclose(float(perplexity), 1.0 + 3.0, rel_tol=1e-5)
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_a_collapsed_codebook_is_no_free_solution_of_the_contrastive_task():
+    """Every target the same code: with wav2vec 2.0's rule (identical distractors dropped) the
+    contrastive loss is ~0, so collapse pays; for codes the distractors stay and it costs
+    log(1 + K)."""
+    from pretrain.objectives import ContrastiveConfig, NegativeConfig, contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    B, V, T, P = 2, 1, 12, 8
+    context = torch.randn(B, V, T, P, generator=g)
+    code = torch.randn(P, generator=g)
+    targets = code.expand(B, V, T, P).clone()
+    context = context * 0.01 + code  # the context predicts the one code perfectly
+    mask = torch.zeros(B, V, T, dtype=torch.bool)
+    mask[:, :, ::3] = True
+    cfg = ContrastiveConfig(negatives=NegativeConfig(kind="uniform", num=3))  # 4 masked per row
+    frames, m = contrastive_loss(context, targets, mask, cfg, generator=g)
+    codes, mq = contrastive_loss(context, targets, mask, cfg, generator=g, quantized=True)
+    assert mq["negatives_per_anchor"] == 3 and m["negatives_per_anchor"] == 0
+    assert float(frames) < 1e-3
+    assert math.isclose(float(codes), math.log(1 + 3), rel_tol=1e-3)
