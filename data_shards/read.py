@@ -101,7 +101,8 @@ class ReaderConfig:
     """True (training): every rank gets the same number of full batches. False (evaluation):
     every sample exactly once; the last batch of a rank may be short and ranks may differ by one."""
     frames: str = "decode"
-    """'decode': uint8 tensor; 'jpeg': the encoded bytes (decode on the GPU); 'off': none."""
+    """'decode': uint8 tensor; 'jpeg': the encoded bytes, each header checked (format, size)
+    but not decoded, for :func:`data_shards.device_decode.decode_batch` on the GPU; 'off': none."""
     masks: bool = True
     """Return foreground masks when the split has them."""
     float_dtype: str = "float32"

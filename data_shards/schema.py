@@ -247,6 +247,18 @@ def decode_jpeg(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
     """JPEG bytes -> (H, W, 3) uint8. Raises ValueError on a corrupt or non-RGB image, and,
     when ``size`` (W, H) is given, on another size: the size is read from the header, so a
     frame of the wrong size (a 13000 x 13000 one included) is refused before it is decoded."""
+    return _read_jpeg(data, size, decode=True)
+
+
+def check_jpeg_header(data: bytes, size: tuple[int, int]) -> None:
+    """What :func:`decode_jpeg` checks before it decodes, and nothing more: the format (JPEG)
+    and the size (W, H), read from the header only. For frames handed over undecoded (the
+    reader's ``frames="jpeg"``, decoded later on a GPU), so a frame claiming another size never
+    reaches a decoder. Raises ValueError."""
+    _read_jpeg(data, size, decode=False)
+
+
+def _read_jpeg(data: bytes, size: tuple[int, int] | None, decode: bool) -> np.ndarray | None:
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
             if im.format != "JPEG":
@@ -254,6 +266,8 @@ def decode_jpeg(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
             if size is not None and tuple(im.size) != tuple(size):
                 raise ValueError(f"size {im.size[0]}x{im.size[1]}, expected {size[0]}x{size[1]} "
                                  "(not decoded)")  # fmt: skip
+            if not decode:
+                return None
             im.load()
             if im.mode != "RGB":
                 im = im.convert("RGB")
@@ -355,7 +369,9 @@ def decode_sample(raw: dict[str, bytes], decode_frames: bool = True,
     Only the members named in the module docstring are read; any other member (a pickle, a
     ``.pth``) is ignored, never decoded. ``check_meta`` is called with the parsed metadata
     before any other member is decoded (a reader refuses a sample of another layout there, at
-    no decoding cost). Raises :class:`SampleError` naming the key and field.
+    no decoding cost). With ``decode_frames=False`` the frames stay JPEG bytes (``jpegs``), each
+    header checked as :func:`decode_jpeg` would (format, size). Raises :class:`SampleError`
+    naming the key and field.
     """
     key = str(raw.get("__key__", "?"))
     if META not in raw:
@@ -377,7 +393,8 @@ def decode_sample(raw: dict[str, bytes], decode_frames: bool = True,
             jpegs.append(row)
         if decode_frames:
             s.frames = decode_frames_of(key, jpegs, meta.image_size)
-        else:
+        else:  # decoded later (on a GPU): the headers are checked here all the same
+            check_frame_headers(key, jpegs, meta.image_size)
             s.jpegs = jpegs
     if meta.has.get("masks"):
         W, H = meta.image_size
@@ -410,6 +427,17 @@ def decode_frames_of(key: str, jpegs: list[list[bytes]], image_size: tuple[int, 
             except ValueError as e:
                 raise SampleError(key, frame_member(v, t), str(e)) from None
     return out
+
+
+def check_frame_headers(key: str, jpegs: list[list[bytes]], image_size: tuple[int, int]) -> None:
+    """SampleError naming the frame unless every one of [view][time] is a JPEG whose header
+    says ``image_size`` (:func:`check_jpeg_header`; nothing is decoded)."""
+    for v, row in enumerate(jpegs):
+        for t, data in enumerate(row):
+            try:
+                check_jpeg_header(data, image_size)
+            except ValueError as e:
+                raise SampleError(key, frame_member(v, t), str(e)) from None
 
 
 def _check_array(key: str, name: str, arr: np.ndarray | None, shape: tuple, finite: bool) -> None:

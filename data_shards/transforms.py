@@ -153,7 +153,10 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class Resize:
     """Resize frames (bilinear) and masks (nearest) to ``size`` x ``size``, and scale 2D poses
     and intrinsics with them: with continuous pixel coordinates this is an exact change of
-    intrinsics (data_shards/camera.py), so labels stay consistent with the pixels."""
+    intrinsics (data_shards/camera.py), so labels stay consistent with the pixels. Frames left
+    as JPEG bytes (the reader's ``frames="jpeg"``) are not touched here: ``meta.image_size``
+    says the size they are resized to where they are decoded (:mod:`data_shards.device_decode`,
+    the same filter)."""
 
     size: int
     """Output side in pixels."""

@@ -39,6 +39,26 @@ from pretrain.engine.schedules import LRSchedule
 Terms = dict[str, Any]
 """What a step returns: loss terms (scalar tensors) and other logged values (floats)."""
 
+DEVICES = ("auto", "cpu", "cuda")
+"""Where a run trains: ``auto`` (accelerate's choice: the local GPU when torch sees one, else
+the CPU), ``cpu`` or ``cuda``."""
+
+
+def resolve_device(name: str, auto: torch.device | None = None) -> torch.device:
+    """The torch device of a :data:`DEVICES` name; ``auto`` is ``auto`` when given (the
+    accelerator's device), else the current GPU when torch sees one, else the CPU. ``cuda`` on
+    a machine without CUDA is one ValueError line."""
+    if name not in DEVICES:
+        raise ValueError(f"device {name!r}: choose from {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    if name == "cuda" and not cuda:
+        raise ValueError("device=cuda needs a CUDA device; this machine has none")
+    if name == "cpu":
+        return torch.device("cpu")
+    if auto is not None and (name == "auto" or auto.type == "cuda"):
+        return auto
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
 
 class NonFiniteLoss(ValueError):
     """A loss term turned NaN or infinite; the run stops and nothing of it is saved."""
@@ -104,7 +124,7 @@ class Trainer:
 
     def __init__(self, name: str, log_dir: str | os.PathLike | None = None,
                  progress: bool = False, log_every: int = 25,
-                 tensorboard: bool = True) -> None:  # fmt: skip
+                 tensorboard: bool = True, device: str = "auto") -> None:  # fmt: skip
         from accelerate import Accelerator
 
         if log_every < 1:
@@ -112,17 +132,28 @@ class Trainer:
         self.name, self.log_every, self.progress = name, log_every, progress
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.tensorboard = tensorboard
-        self.accelerator = Accelerator()
+        self.accelerator = Accelerator()  # one per process, whatever ``device`` says
+        self._device = resolve_device(device, self.accelerator.device)
+        if self._device != self.accelerator.device and self.accelerator.num_processes > 1:
+            raise ValueError(f"{name}: device={device} differs from the device accelerate "
+                             f"gave this process ({self.accelerator.device}); leave it 'auto' "
+                             "under accelerate launch")  # fmt: skip
         self._modules: list[nn.Module] = []
 
     @property
     def device(self) -> torch.device:
-        return self.accelerator.device
+        """Where the run's modules and batches go (:data:`DEVICES`; ``auto``: accelerate's)."""
+        return self._device
+
+    def _placed(self, obj: Any) -> Any:
+        if self._device == self.accelerator.device:
+            return self.accelerator.prepare(obj)  # accelerate places it
+        return self.accelerator.prepare(obj, device_placement=[False])
 
     def prepare(self, module: nn.Module) -> nn.Module:
         """``module`` on the run's device (wrapped for several processes); trained by
         :meth:`fit` (train mode during, eval mode after)."""
-        prepared = self.accelerator.prepare(module)
+        prepared = self._placed(module.to(self._device))
         self._modules.append(prepared)
         return prepared
 
@@ -137,7 +168,7 @@ class Trainer:
         if steps < 1:
             raise ValueError(f"{self.name}: steps must be >= 1, got {steps}")
         parts = [parts] if isinstance(parts, Part) else list(parts)
-        optimisers = [self.accelerator.prepare(p.optim.build(_groups(p.params))) for p in parts]
+        optimisers = [self._placed(p.optim.build(_groups(p.params))) for p in parts]
         main = self.accelerator.is_main_process
         history: list[dict[str, float]] = []
         for m in self._modules:

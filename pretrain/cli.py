@@ -46,6 +46,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    cfg.data.check_device()  # before any process starts
     from pretrain.engine.launch import relaunch
 
     code = relaunch(args.nproc_per_node, args.argv)

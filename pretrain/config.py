@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Literal
+
+import torch
 
 from data_shards.configtools import from_dict, to_dict
 from data_shards.read import ReaderConfig
@@ -48,8 +51,16 @@ class DataConfig:
     size: int | None = None
     """Resize frames to size x size (labels and intrinsics follow exactly); None: as stored;
     at most :data:`MAX_IMAGE_SIZE` (1024)."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """Where JPEG frames are decoded. 'cpu': in the loader workers (PIL). 'gpu': the workers
+    check each frame's header (format, size) and hand over the bytes; the training process
+    decodes each batch on its GPU (nvJPEG, one batched call) and resizes it to ``size`` as the
+    workers would have (:mod:`data_shards.device_decode`). Needs CUDA: refused at start on a
+    machine without it."""
 
     def __post_init__(self) -> None:
+        if self.decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode: {self.decode!r} is not one of ['cpu', 'gpu']")
         if not self.train.strip():
             raise ValueError("train: a split directory is required")
         if self.num_workers < 0 or self.shuffle_buffer < 1 or self.error_budget < 0:
@@ -79,7 +90,16 @@ class DataConfig:
             num_workers=self.num_workers,
             error_budget=self.error_budget,
             transforms=tuple(transforms),
+            frames="jpeg" if self.decode == "gpu" else "decode",
         )
+
+    def check_device(self, cuda: bool | None = None) -> None:
+        """At start (not when the config is built: a login node without GPUs prints and submits
+        GPU configs): ValueError unless this machine can decode where ``decode`` says.
+        ``cuda``: whether CUDA is available (default: ask torch)."""
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        if self.decode == "gpu" and not cuda:
+            raise ValueError("data.decode=gpu needs a CUDA device; this machine has none")
 
 
 @dataclasses.dataclass(frozen=True)

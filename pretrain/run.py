@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 def run_pretrain(cfg: RunConfig, out_dir: str | os.PathLike) -> int:
     """Train this rank (rank and world size from torchrun / deepspeed / srun variables);
     returns the process exit code (0 done, 75 requeue, 65 too many non-finite losses, ...)."""
+    cfg.data.check_device()  # data.decode=gpu on a machine without CUDA: one line, now
     env = dist.DistEnv.from_environ()
     seed = cfg.train.seed
     reader_cfg = cfg.data.reader_config(cfg.engine.micro_batch_per_rank, seed)

@@ -123,6 +123,12 @@ def to_deepspeed_json(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": None,  # our loop logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
+    if cfg.precision != "fp32":
+        # Buffers in the parameters' dtype, as module.bfloat16() / .half() did: DeepSpeed 0.19
+        # keeps them fp32 unless told, and a bf16 BatchNorm refuses fp32 running statistics
+        # ("expected scalar type BFloat16 but found Float" at the first step of every recipe
+        # whose backbone has BatchNorm: all of them).
+        ds["data_types"] = {"buffer_dtype": cfg.precision}
     if cfg.zero_stage > 0:
         ds["zero_optimization"]["overlap_comm"] = cfg.overlap_comm
     if cfg.zero_stage in (1, 2):  # partitions a resume on another world size can re-divide

@@ -115,6 +115,7 @@ class TrainConfig:
         "train.tensorboard",
         "train.dist_timeout_s",
         "train.resume_may_change",
+        "data.decode",
     )
     """Dotted config fields (prefixes) that may differ from the checkpoint's on resume; any other
     difference, and any world size change, is refused naming the field."""

@@ -16,16 +16,27 @@ import torch
 
 
 def frames_in(batch: Mapping[str, Any]) -> int:
-    """Frames in a batch: B x V x T of a ``(B, V, T, C, H, W)`` frames tensor, else samples."""
+    """Frames in a batch: B x V x T of a ``(B, V, T, C, H, W)`` frames tensor or of the
+    ``jpegs[b][v][t]`` lists of the reader's jpeg mode, else samples."""
     frames = batch.get("frames")
     if isinstance(frames, torch.Tensor) and frames.ndim >= 4:
         return math.prod(frames.shape[:-3])
+    jpegs = batch.get("jpegs")
+    if isinstance(jpegs, list) and jpegs:
+        return sum(len(row) for sample in jpegs for row in sample)
     if "keys" in batch:
         return len(batch["keys"])
     return next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor)), 0)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device``; JPEG frames (the reader's jpeg mode, ``data.decode=
+    gpu``) decoded there, batched, into the ``frames`` tensor the CPU path would have given
+    (:func:`data_shards.device_decode.decode_batch`)."""
+    if "jpegs" in batch and "frames" not in batch:
+        from data_shards.device_decode import decode_batch
+
+        batch = decode_batch(batch, device)
     if device.type == "cpu":
         return batch
     return {

@@ -30,7 +30,10 @@ class BackboneConfig:
     ``torch.load(weights_only=True)``); None: random initialisation. A classifier head in the
     file is ignored; any other missing, unexpected or mis-shaped key is an error."""
     channels_last: bool = True
-    """Run the backbone in channels-last memory format (faster convolutions on GPUs)."""
+    """Run the backbone in channels-last memory format (faster convolutions on GPUs): the
+    frames enter it channels-last and every convolution's output follows; the weights keep the
+    default layout, which DeepSpeed needs (it broadcasts each parameter viewed as bytes at
+    start, which a channels-last weight refuses, and ZeRO re-lays them out flat anyway)."""
     background_mask: bool = False
     """Multiply each frame by its foreground mask before the backbone: after normalisation, so
     the background becomes 0, the mean colour (the seed found it helps retrieval, GUIDE 6)."""
@@ -73,15 +76,19 @@ class FrameEncoder(nn.Module):
         self.model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **extra)
         if cfg.weights is not None:
             load_weights(self.model, cfg.weights)
-        if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
         self.num_features: int = int(self.model.num_features)
         """F: width of the pooled features."""
-        # In 0..255 units; not persistent: they follow the config, not the checkpoint.
-        mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        self.register_buffer("pixel_mean", mean, persistent=False)
-        self.register_buffer("pixel_std", std, persistent=False)
+        # The normalisation in 0..255 units, float32 per device, from the config: not buffers,
+        # which a bf16 engine casts (123.675 would become 123.5), nor in the checkpoint.
+        self._normalisers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def normaliser(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) float32 (1, 3, 1, 1) in 0..255 units on ``device``."""
+        if device not in self._normalisers:
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) * 255
+                         for v in (self.cfg.mean, self.cfg.std))  # fmt: skip
+            self._normalisers[device] = (mean.to(device), std.to(device))
+        return self._normalisers[device]
 
     def preprocess(self, frames: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> normalised input of the backbone (N, 3, H, W), in the
@@ -90,8 +97,8 @@ class FrameEncoder(nn.Module):
             raise TypeError(f"frames must be uint8 (N, 3, H, W), got {frames.dtype}")
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"frames must be (N, 3, H, W), got {tuple(frames.shape)}")
-        # Normalise in float32 whatever the engine did to the buffers (bf16 would round them).
-        x = (frames.float() - self.pixel_mean.float()) / self.pixel_std.float()  # (N, 3, H, W)
+        mean, std = self.normaliser(frames.device)
+        x = (frames.float() - mean) / std  # (N, 3, H, W) float32, whatever the engine's dtype
         if self.cfg.background_mask:
             if masks is None:
                 raise ValueError("background_mask is on but no foreground masks were given")

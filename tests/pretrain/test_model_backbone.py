@@ -43,14 +43,23 @@ def test_normalisation_inside():
 
 
 def test_channels_last_same_features():
+    """The activations run channels-last (every convolution's output); the weights keep the
+    default layout, so DeepSpeed can broadcast each one viewed as bytes (a channels-last bf16
+    weight refused that: ``deepspeed.initialize`` failed for every channels-last recipe)."""
     frames, _ = _frames()
     cl, plain = _encoder(channels_last=True), _encoder(channels_last=False)
     plain.load_state_dict(cl.state_dict())
-    conv = next(m for m in cl.model.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert cl.preprocess(frames).is_contiguous(memory_format=torch.channels_last)
+    convs = [m for m in cl.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    outputs = []
+    for conv in convs:
+        conv.register_forward_hook(lambda m, i, out: outputs.append(out))
     with torch.no_grad():
         torch.testing.assert_close(cl(frames), plain(frames), atol=1e-4, rtol=1e-4)
+    assert len(outputs) == len(convs)
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outputs)
+    for p in cl.bfloat16().parameters():  # what DeepSpeed's _broadcast_model does to each
+        p.data.view(torch.uint8)
 
 
 def test_background_mask_zeroes_background():

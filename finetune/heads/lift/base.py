@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from finetune.clips import Sequence, labelled_subset
 from finetune.evaluation.metrics import mpjpe
 from finetune.heads.lift.data import INPUTS, corrupt_2d, input_2d
-from finetune.loop import OptimConfig, Trainer
+from finetune.loop import DEVICES, OptimConfig, Trainer, resolve_device
 from pretrain.engine.schedules import LRSchedule
 
 METHOD_NAMES = ("tcn", "vaegan", "cyclic", "selfcorrect", "hrnet")
@@ -73,6 +73,11 @@ class LiftConfig:
     """Share of the train clips whose 3D poses a supervised loss may read (by clip, seeded)."""
     log_every: int = 25
     """Steps between logged records (OUT/rows/<row>/metrics.jsonl and the loss curves)."""
+    device: str = "auto"
+    """Where the row trains and predicts, as for the pose head (:class:`finetune.loop.Trainer`):
+    ``auto`` (accelerate's choice: the local GPU when torch sees one, else the CPU), ``cpu`` or
+    ``cuda`` (refused in one line on a machine without CUDA). How, not what: a saved row counts
+    as done whatever device trained it."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -80,9 +85,10 @@ class LiftConfig:
             "optim": isinstance(self.optim, OptimConfig), "noise_px": self.noise_px >= 0,
             "drop_prob": 0 <= self.drop_prob < 1, "labels": 0 <= self.labels <= 1,
             "log_every": self.log_every >= 1, "input": self.input in INPUTS,
-            "min_confidence": 0 <= self.min_confidence <= 1,
+            "min_confidence": 0 <= self.min_confidence <= 1, "device": self.device in DEVICES,
         }  # fmt: skip
-        check_fields(self, checks, {"input": f" (choose from {', '.join(INPUTS)})"})
+        check_fields(self, checks, {"input": f" (choose from {', '.join(INPUTS)})",
+                                    "device": f" (choose from {', '.join(DEVICES)})"})  # fmt: skip
 
 
 def check_fields(config: object, checks: dict[str, bool], why: dict[str, str] | None = None
@@ -123,7 +129,8 @@ class FitLog:
         its ``part`` and logs to LOG_DIR/<part>."""
         log_dir = self.log_dir / part if self.log_dir is not None and part else self.log_dir
         name = f"{self.name} ({part})" if part else self.name
-        return Trainer(name, log_dir, self.progress, log_every=config.log_every)
+        return Trainer(name, log_dir, self.progress, log_every=config.log_every,
+                       device=config.device)  # fmt: skip
 
 
 QUIET = FitLog()
@@ -144,13 +151,23 @@ class Fitted(Protocol):
 
 class FittedModule:
     """A fitted row that is one module: the weights are its ``state_dict``; a subclass adds
-    ``predict``."""
+    ``predict`` (on the module's device: the one it trained on, or ``config.device`` when
+    restored)."""
 
     def __init__(self, model: torch.nn.Module, config: LiftConfig, losses: list[dict]) -> None:
         self.model, self.config, self.losses = model.eval(), config, losses
 
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.model)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's parameters are (its inputs go there)."""
+    return next(module.parameters()).device
 
 
 def restore_module(fitted: type[FittedModule], build: Callable[[LiftConfig], torch.nn.Module]
@@ -160,7 +177,7 @@ def restore_module(fitted: type[FittedModule], build: Callable[[LiftConfig], tor
     def restore(config: LiftConfig, state_dict: dict[str, torch.Tensor]) -> FittedModule:
         model = build(config)
         model.load_state_dict(state_dict)
-        return fitted(model, config, [])
+        return fitted(model.to(resolve_device(config.device)), config, [])
 
     return restore
 

@@ -251,8 +251,8 @@ class FittedCyclic(base.FittedModule):
     def predict(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
         out = []
         for s, px in zip(sequences, model_inputs(sequences, self.config, split), strict=True):
-            x = torch.from_numpy(frame_inputs(px, s.image_size))
-            out.append(self.model.encode(x).numpy() * 1000.0)  # metres -> mm
+            x = torch.from_numpy(frame_inputs(px, s.image_size)).to(self.device)
+            out.append(self.model.encode(x).cpu().numpy() * 1000.0)  # metres -> mm
         return out
 
 
@@ -285,7 +285,7 @@ def fit(data: base.LiftData, config: CyclicConfig, log: base.FitLog = base.QUIET
         return {"loss": sum(weights[k] * v for k, v in terms.items()), **terms}
 
     losses = trainer.fit(step, Part(model.parameters(), config.optim), config.steps)
-    return FittedCyclic(trainer.unwrap(model).cpu(), config, losses)
+    return FittedCyclic(trainer.unwrap(model), config, losses)  # on the trainer's device
 
 
 ROWS = {

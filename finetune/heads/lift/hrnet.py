@@ -164,8 +164,8 @@ def gaussian_heatmaps(points: torch.Tensor, size: tuple[int, int], sigma: float)
 def soft_argmax(heatmaps: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
     """(B, J, H, W) heatmaps -> (B, J, 2) expected (x, y) under softmax(beta * heatmap), heatmap
     pixels (the convention of :func:`gaussian_heatmaps`); ``beta`` a scalar or (J,)."""
-    B, J, H, W = heatmaps.shape
-    beta = torch.as_tensor(beta, dtype=heatmaps.dtype).reshape(-1, 1)  # (J or 1, 1)
+    B, J, H, W = heatmaps.shape  # beta: (J or 1, 1) on the heatmaps' device
+    beta = torch.as_tensor(beta, dtype=heatmaps.dtype, device=heatmaps.device).reshape(-1, 1)
     prob = torch.softmax(heatmaps.flatten(2) * beta, dim=-1).view(B, J, H, W)
     ys, xs = heatmap_grid(H, W)
     x = (prob.sum(2) * xs.to(prob)).sum(-1)  # marginal over rows, then E[x]
@@ -309,7 +309,8 @@ class FittedHRNet(base.FittedModule):
         with torch_threads(self.config.threads):
             for s in sequences:
                 images = torch.from_numpy(s.images).split(self.config.predict_batch)
-                chunks = [self.model(x, s.image_size)["pose3d"] for x in images]
+                chunks = [self.model(x.to(self.device), s.image_size)["pose3d"].cpu()
+                          for x in images]  # fmt: skip
                 out.append(torch.cat(chunks).numpy() * 1000.0)  # metres -> mm
         return out
 
@@ -342,7 +343,7 @@ def _fit(data: base.LiftData, config: HRNetConfig, log: base.FitLog) -> FittedHR
         return {"loss": total_loss(terms, config), **terms}
 
     losses = trainer.fit(step, Part(model.parameters(), config.optim), config.steps)
-    return FittedHRNet(trainer.unwrap(model).cpu(), config, losses)
+    return FittedHRNet(trainer.unwrap(model), config, losses)  # on the trainer's device
 
 
 HEATMAPS = {"heatmap_weight": 100.0}

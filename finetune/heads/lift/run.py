@@ -25,6 +25,7 @@ ground-truth 3D of every frame.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from finetune.clips import read_splits
 from finetune.evaluation.metrics import score_sequences
 from finetune.heads.lift.base import FitLog, Fitted, LiftData, LiftMethod, get_method
 from finetune.heads.lift.data import INPUTS, check_joints, lost_frames, root_relative_m
+from finetune.loop import resolve_device
 from finetune.report import md_table, pyplot, write_stage
 
 
@@ -159,6 +161,8 @@ def run_lift(method_name: str, shards: str | os.PathLike, out_dir: str | os.Path
     overrides = list(overrides or [])
     # a bad --set fails here, before any reading
     configs = {row: build_config(method, row, overrides, input_2d) for row in chosen}
+    for config in configs.values():  # device=cuda without CUDA: one line, before reading too
+        resolve_device(config.device)
     inputs = sorted({c.input for c in configs.values()})
     if "detected" in inputs:
         require_det2d(shards)
@@ -170,7 +174,7 @@ def run_lift(method_name: str, shards: str | os.PathLike, out_dir: str | os.Path
     for row in chosen:
         path = out / "rows" / f"{_slug(row)}.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}
-        if saved.get("config") == to_dict(configs[row]):
+        if _same_row(saved.get("config"), to_dict(configs[row])):
             print(f"[lift {method.name}] {row}: done already ({path})", flush=True)
         else:
             saved = train_row(method, row, configs[row], data[row], out, progress)
@@ -193,16 +197,28 @@ def run_lift(method_name: str, shards: str | os.PathLike, out_dir: str | os.Path
     return write_stage(out, "lift", result, markdown_table(result), figures={"lift": figure})
 
 
-def load_row(out_dir: str | os.PathLike, row: str) -> Fitted:
+def _same_row(saved: dict | None, config: dict) -> bool:
+    """Whether a saved row's config is this one's, ``device`` aside (where a row trained does
+    not make it another row; rows saved before the field existed have none)."""
+    if not isinstance(saved, dict):
+        return False
+    return {k: v for k, v in saved.items() if k != "device"} == {
+        k: v for k, v in config.items() if k != "device"}  # fmt: skip
+
+
+def load_row(out_dir: str | os.PathLike, row: str, device: str | None = None) -> Fitted:
     """A saved row (OUT/rows/<row>.json + .safetensors) rebuilt by its method's ``restore``:
     ``predict(split, sequences)`` gives what the fitted row gave (the image head needs the
-    sequences read with its frames: ``read_splits(shards, **method.read(fitted.config))``)."""
+    sequences read with its frames: ``read_splits(shards, **method.read(fitted.config))``).
+    ``device`` (``auto``, ``cpu``, ``cuda``) replaces the ``device`` the row trained with."""
     path = Path(out_dir) / "rows" / f"{_slug(row)}.json"
     if not path.is_file():
         raise ValueError(f"{path}: no saved row {row!r} (run posebert finetune lift first)")
     saved = json.loads(path.read_text())
     method = get_method(saved["method"])
     config = from_dict(method.config, saved["config"])
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
     from safetensors.torch import load_file
 
     fitted = method.restore(config, load_file(str(path.with_suffix(".safetensors"))))

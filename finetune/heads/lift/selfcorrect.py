@@ -182,7 +182,7 @@ def fit_projector(clips: Clips, labelled: list[int], config: SelfCorrectConfig,
 
     losses = trainer.fit(step, Part(projector.parameters(), config.optim, loss="projector"),
                          config.projector_steps)  # fmt: skip
-    return trainer.unwrap(projector).cpu().requires_grad_(False).eval(), losses
+    return trainer.unwrap(projector).requires_grad_(False).eval(), losses
 
 
 class FittedSelfCorrect:
@@ -212,13 +212,14 @@ def lift_sequence(lifter: TemporalLifter, x2d: np.ndarray, window: int) -> np.nd
     starts = list(range(0, max(n - window, 0) + 1, max(window // 2, 1)))
     if starts[-1] + window < n:
         starts.append(n - window)
-    x = torch.from_numpy(x2d)
-    total = torch.zeros(n, NUM_JOINTS, 3)
-    count = torch.zeros(n, 1, 1)
+    device = base.module_device(lifter)
+    x = torch.from_numpy(x2d).to(device)
+    total = torch.zeros(n, NUM_JOINTS, 3, device=device)
+    count = torch.zeros(n, 1, 1, device=device)
     for a in starts:
         total[a : a + window] += lifter(x[None, a : a + window])[0]
         count[a : a + window] += 1
-    return (total / count).numpy()
+    return (total / count).cpu().numpy()
 
 
 def restore(config: SelfCorrectConfig, state_dict: dict[str, torch.Tensor]
@@ -227,6 +228,7 @@ def restore(config: SelfCorrectConfig, state_dict: dict[str, torch.Tensor]
     for prefix, module in (("lifter.", lifter), ("projector.", projector)):
         module.load_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items()
                                 if k.startswith(prefix)})  # fmt: skip
+        module.to(base.resolve_device(config.device))
     return FittedSelfCorrect(lifter.eval(), projector.requires_grad_(False).eval(), config,
                              [], [])  # fmt: skip
 
@@ -261,8 +263,8 @@ def fit(data: base.LiftData, config: SelfCorrectConfig,
         return {"loss": loss, **terms}
 
     losses = trainer.fit(step, Part(lifter.parameters(), config.optim), config.steps)
-    return FittedSelfCorrect(trainer.unwrap(lifter).cpu(), projector.cpu(), config, losses,
-                             projector_losses)  # fmt: skip
+    # both stay on the trainer's device
+    return FittedSelfCorrect(trainer.unwrap(lifter), projector, config, losses, projector_losses)
 
 
 ROWS = {

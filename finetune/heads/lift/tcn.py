@@ -205,18 +205,19 @@ class FittedTCN:
 
     @torch.no_grad()
     def predict(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
-        out = []
-        rf, perm = self.pos.receptive_field, torch.from_numpy(flip_permutation())
+        out, device = [], base.module_device(self.pos)
+        rf, perm = self.pos.receptive_field, torch.from_numpy(flip_permutation()).to(device)
         for s, px in zip(sequences, model_inputs(sequences, self.config, split), strict=True):
             x = torch.from_numpy(pad_sequence(normalize_2d(px, s.image_size), rf,
                                               self.config.causal)).float()[None]  # fmt: skip
+            x = x.to(device)
             y = self.pos(x)[0]  # (N, J, 3)
             if self.config.flip:
                 mirrored = x[..., perm, :] * x.new_tensor([-1.0, 1.0])
                 back = self.pos(mirrored)[0][:, perm] * y.new_tensor([-1.0, 1.0, 1.0])
                 y = (y + back) / 2
             y[:, ROOT] = 0  # root-relative, as the paper's evaluation
-            out.append(y.numpy() * 1000.0)
+            out.append(y.cpu().numpy() * 1000.0)
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -290,10 +291,11 @@ def fit(data: base.LiftData, config: TCNConfig, log: base.FitLog = base.QUIET) -
 
 
 def _sequence_model(trained: TemporalModelOptimized1f) -> TemporalModel:
-    """The dilated model holding the strided model's weights (the same state dict), on CPU."""
+    """The dilated model holding the strided model's weights (the same state dict), on the
+    strided model's device."""
     model = TemporalModel(trained.shape)
     model.load_state_dict(trained.state_dict())
-    return model.eval()
+    return model.to(base.module_device(trained)).eval()
 
 
 def restore(config: TCNConfig, state_dict: dict[str, torch.Tensor]) -> FittedTCN:
@@ -304,6 +306,7 @@ def restore(config: TCNConfig, state_dict: dict[str, torch.Tensor]) -> FittedTCN
         if weights:
             models[prefix] = TemporalModel(config.shape(joints_out=joints)).eval()
             models[prefix].load_state_dict(weights)
+            models[prefix].to(base.resolve_device(config.device))
     return FittedTCN(models["model_pos."], models.get("model_traj."), config, [])
 
 

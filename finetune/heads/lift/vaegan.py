@@ -205,14 +205,15 @@ class VAEGANFitted:
     @torch.no_grad()
     def latents(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
         """Per sequence, (N, L) latent means."""
-        return [_batched(lambda b: self.lifter.encode(b)[0], x)
+        device = base.module_device(self.lifter)
+        return [_batched(lambda b: self.lifter.encode(b)[0], x, device)
                 for x in self.inputs(split, sequences)]  # fmt: skip
 
     @torch.no_grad()
     def predict(self, split: str, sequences: list[Sequence]) -> list[np.ndarray]:
-        out = []
+        out, device = [], base.module_device(self.lifter)
         for x in self.inputs(split, sequences):
-            pose = _batched(lambda b: self.lifter(b, sample=False)[0], x).astype(np.float64)
+            pose = _batched(lambda b: self.lifter(b, sample=False)[0], x, device).astype(np.float64)
             if not self.config.supervised:  # normalised units -> metres by the rest-pose prior
                 bones = np.stack([np.linalg.norm(pose[:, c] - pose[:, p], axis=-1)
                                   for p, c in BONES16], -1).mean(-1)  # fmt: skip
@@ -225,8 +226,10 @@ class VAEGANFitted:
         return {f"{k}.{n}": v for k, m in parts.items() for n, v in m.state_dict().items()}
 
 
-def _batched(fn, x: np.ndarray, size: int = 4096) -> np.ndarray:
-    chunks = [fn(torch.from_numpy(x[i : i + size])) for i in range(0, len(x), size)]
+def _batched(fn, x: np.ndarray, device: torch.device, size: int = 4096) -> np.ndarray:
+    """``fn`` over ``x`` in chunks of ``size`` rows on ``device``; the results on the CPU."""
+    chunks = [fn(torch.from_numpy(x[i : i + size]).to(device)).cpu()
+              for i in range(0, len(x), size)]  # fmt: skip
     return torch.cat(chunks).numpy()
 
 
@@ -310,8 +313,8 @@ def fit(data: base.LiftData, config: VAEGANConfig, log: base.FitLog = base.QUIET
     if disc is not None:
         parts.append(Part(disc.parameters(), config.optim, loss="disc"))
     losses = trainer.fit(step, parts, config.steps)
-    disc = trainer.unwrap(disc).cpu() if disc is not None else None
-    return VAEGANFitted(trainer.unwrap(lifter).cpu(), disc, config, losses)
+    disc = trainer.unwrap(disc) if disc is not None else None
+    return VAEGANFitted(trainer.unwrap(lifter), disc, config, losses)  # on the trainer's device
 
 
 def restore(config: VAEGANConfig, state_dict: dict[str, torch.Tensor]) -> VAEGANFitted:
@@ -323,7 +326,8 @@ def restore(config: VAEGANConfig, state_dict: dict[str, torch.Tensor]) -> VAEGAN
     if weights:
         disc = discriminator(config)
         disc.load_state_dict(weights)
-    return VAEGANFitted(lifter, disc, config, [])
+    device = base.resolve_device(config.device)
+    return VAEGANFitted(lifter.to(device), disc.to(device) if disc else None, config, [])
 
 
 # ------------------------------------------------------------------------------ latent plot
