@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs/demo
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean gpu-bundle reliability
 install: $(VENV)/.installed
 
 # pybullet (the render extra) has wheels for Python 3.10/3.11 only, mediapipe up to 3.12: their
@@ -30,6 +30,26 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_shards.py
+
+# The carry folder .gpu/ of benchmarks/gpu_check.sh (docs/benchmarks.md, "GPU check").
+gpu-bundle: install
+	PYTHON=$(BIN)/python bash benchmarks/gpu_bundle.sh
+
+# docs/reliability.md from a run of the fault suite: the tests marked `fault` (tests/faultlog.py;
+# the slow ones too with SLOW=1), the 1,000-mutation shard fuzzer, then the page made from both
+# (tests/faults_report.py). Failed cases are shown on the page; the target then exits 1.
+FAULTS ?= runs/reliability
+FAULT_MARKS = fault and not gpu and not multigpu$(if $(SLOW),, and not slow)
+reliability: install
+	@mkdir -p $(FAULTS) && rm -f $(FAULTS)/faults.jsonl $(FAULTS)/fuzz.json
+	$(BIN)/pytest -m "$(FAULT_MARKS)" --fault-log $(FAULTS)/faults.jsonl $(PYTEST_ARGS); \
+		echo $$? > $(FAULTS)/pytest.rc
+	$(BIN)/python tests/data_shards/fuzz_shards.py --count 1000 --out $(FAULTS)/fuzz.json; \
+		echo $$? > $(FAULTS)/fuzz.rc
+	$(BIN)/python tests/faults_report.py --log $(FAULTS)/faults.jsonl --fuzz $(FAULTS)/fuzz.json \
+		--out docs/reliability.md --command "make reliability$(if $(SLOW), SLOW=1)"
+	@rc="$$(cat $(FAULTS)/pytest.rc) $$(cat $(FAULTS)/fuzz.rc)"; test "$$rc" = "0 0" || \
+		{ echo "reliability: exit codes (tests, fuzzer) $$rc; the failures are on the page"; exit 1; }
 
 clean:
 	rm -rf $(VENV) runs

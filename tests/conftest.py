@@ -17,6 +17,8 @@ from data_shards.schema import Meta, Sample, View, decode_sample
 from data_shards.skeleton import NUM_JOINTS
 from data_shards.tario import iter_tar_samples
 
+pytest_plugins = ["faultlog"]  # the `fault` marker, `observed` and --fault-log
+
 
 def make_sample(
     key: str = "test-clip-a0000-f00000",

@@ -27,6 +27,11 @@ def shard_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.fault(
+    "Command line",
+    "bad arguments: --frames 0, --size abc, an unknown subcommand, no --out",
+    injected="`python -m posebert shards ...` run with each",
+)
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -36,11 +41,12 @@ def shard_root(tmp_path_factory):
         (["shards", "synth"], "--out"),
     ],
 )
-def test_bad_arguments_give_one_line_and_exit_2(args, needle):
+def test_bad_arguments_give_one_line_and_exit_2(args, needle, observed):
     r = posebert(*args)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert needle in r.stderr
+    observed(f"exit {r.returncode}: {r.stderr.strip()}")
 
 
 def test_stats_counts_per_split_and_action(shard_root):
@@ -51,7 +57,12 @@ def test_stats_counts_per_split_and_action(shard_root):
     assert line_a.split()[1:] == ["3", "1"]
 
 
-def test_verify_passes_then_fails_loudly_on_a_damaged_copy(shard_root, tmp_path):
+@pytest.mark.fault(
+    "Writing and verifying",
+    "`posebert shards verify` on a copy with a shard cut short",
+    injected="the last 3000 bytes of one shard of a copy cut off",
+)
+def test_verify_passes_then_fails_loudly_on_a_damaged_copy(shard_root, tmp_path, observed):
     assert posebert("shards", "verify", str(shard_root)).returncode == 0
     import shutil
 
@@ -62,16 +73,29 @@ def test_verify_passes_then_fails_loudly_on_a_damaged_copy(shard_root, tmp_path)
     r = posebert("shards", "verify", str(copy))
     assert r.returncode == 1
     assert "train/shard-000001.tar" in r.stderr
+    lines = r.stderr.strip().splitlines()
+    observed(f"exit {r.returncode}, {len(lines)} line(s): " + " / ".join(lines))
 
 
-def test_missing_input_is_one_line(tmp_path):
+@pytest.mark.fault(
+    "Command line",
+    "a missing input directory",
+    injected="`posebert shards stats` on a path that does not exist",
+)
+def test_missing_input_is_one_line(tmp_path, observed):
     r = posebert("shards", "stats", str(tmp_path / "nope"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert "no such directory" in r.stderr
+    observed(f"exit {r.returncode}: {r.stderr.strip()}")
 
 
-def test_video_command_end_to_end(tmp_path):
+@pytest.mark.fault(
+    "Ingest",
+    "a missing video file given to `posebert shards video`",
+    injected="the command run on a path that does not exist (after a good run)",
+)
+def test_video_command_end_to_end(tmp_path, observed):
     sys.path.insert(0, str(Path(__file__).parent / "data_shards"))
     from test_video import write_mp4
 
@@ -84,6 +108,7 @@ def test_video_command_end_to_end(tmp_path):
     r = posebert("shards", "video", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "o2"))
     assert r.returncode == 2 and "nope.mp4" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    observed(f"exit {r.returncode}: {r.stderr.strip()}")
 
 
 def test_h36m_command_end_to_end(tmp_path):

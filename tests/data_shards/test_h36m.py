@@ -28,6 +28,7 @@ from data_shards.schema import Sample
 from data_shards.video import transform_points
 
 T = 8
+AREA = "Ingest"  # of docs/reliability.md (tests/faultlog.py)
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +132,24 @@ def test_projection_instead_of_detections(fx, tmp_path):
         check_pose2d_is_projection(s)
 
 
-def test_missing_frame_and_bad_inputs(fx, tmp_path):
+@pytest.mark.fault(AREA, "a missing extracted frame, a bad cameras JSON, a non-zip .npz",
+                   injected="frames numbered from 0 where the files start at 1; a camera "
+                   "entry holding only name and K; a text file named x.npz")  # fmt: skip
+def test_missing_frame_and_bad_inputs(fx, tmp_path, observed):
     config = H36MConfig(frames=T, splits={"val": ("S9",)}, first_frame_number=0)
-    with pytest.raises(H36MError, match=r"000000\.jpg: unreadable frame"):
+    with pytest.raises(H36MError, match=r"000000\.jpg: unreadable frame") as frame:
         ingest_h36m(fx.npz3d, fx.npz2d, fx.frames_dir, fx.cameras_json, tmp_path, config,
                     progress=False)
     assert not (tmp_path / "val").exists()
     bad = tmp_path / "cams.json"
     bad.write_text(json.dumps({"S9": [{"name": "a", "K": np.eye(3).tolist()}]}))
-    with pytest.raises(H36MError, match="S9 camera 0: KeyError"):
+    with pytest.raises(H36MError, match="S9 camera 0: KeyError") as cameras:
         load_cameras(bad)
     (tmp_path / "x.npz").write_text("not a zip")
-    with pytest.raises(H36MError, match="not a readable .npz"):
+    with pytest.raises(H36MError, match="not a readable .npz") as npz:
         ingest_h36m(tmp_path / "x.npz", None, None, None, tmp_path, config, progress=False)
+    for err in (frame, cameras, npz):
+        observed(str(err.value))
 
 
 @pytest.mark.parametrize("size", [128, 48, 20])  # JPEG decoded at scale 1, 2 and 8
@@ -180,8 +186,11 @@ class _Payload:
         return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
+@pytest.mark.fault(AREA, "a Human3.6M .npz whose object array runs code when unpickled (3D and "
+                   "2D files)", injected="an object array whose __reduce__ creates a marker "
+                   "file; the same payload runs under np.load(allow_pickle=True)")  # fmt: skip
 @pytest.mark.parametrize("member", ["positions_3d", "positions_2d"])
-def test_malicious_pickle_never_runs(tmp_path, member):
+def test_malicious_pickle_never_runs(tmp_path, member, observed):
     marker, control = tmp_path / "pwned", tmp_path / "control"
     path = tmp_path / "evil.npz"
     np.savez(path, **{member: {"S1": {"Walking 1": _Payload(marker)}}})
@@ -190,7 +199,7 @@ def test_malicious_pickle_never_runs(tmp_path, member):
     with np.load(tmp_path / "control.npz", allow_pickle=True) as f:
         f[member]
     assert control.exists()
-    with pytest.raises(H36MError, match="refusing to load global builtins.exec"):
+    with pytest.raises(H36MError, match="refusing to load global builtins.exec") as err:
         load_npz(path)
     config = H36MConfig(splits={"train": ("S1",)})
     with pytest.raises(H36MError, match="builtins.exec"):
@@ -201,6 +210,8 @@ def test_malicious_pickle_never_runs(tmp_path, member):
                         progress=False)
     assert not marker.exists()
     assert not (tmp_path / "out" / "train").exists()
+    observed(f"{err.value}; marker created: {marker.exists()} (numpy's own load: "
+             f"{control.exists()})")  # fmt: skip
 
 
 def _plain_3d(tmp_path: Path) -> Path:
@@ -209,7 +220,9 @@ def _plain_3d(tmp_path: Path) -> Path:
     return path
 
 
-def test_plain_arrays_and_fortran_order(tmp_path):
+@pytest.mark.fault(AREA, "an .npz whose array data is shorter than its header declares",
+                   injected="a .npy of 100 floats cut by 8 bytes, zipped as cut.npz")  # fmt: skip
+def test_plain_arrays_and_fortran_order(tmp_path, observed):
     path = tmp_path / "a.npz"
     a = np.asfortranarray(np.arange(12.0).reshape(3, 4))
     np.savez(path, a=a, b=np.arange(5, dtype=np.int16))
@@ -220,5 +233,6 @@ def test_plain_arrays_and_fortran_order(tmp_path):
     np.save(buf, np.zeros(100))
     with zipfile.ZipFile(tmp_path / "cut.npz", "w") as z:  # array data shorter than declared
         z.writestr("a.npy", buf.getvalue()[:-8])
-    with pytest.raises(H36MError, match="ends inside the array"):
+    with pytest.raises(H36MError, match="ends inside the array") as err:
         load_npz(tmp_path / "cut.npz")
+    observed(str(err.value))

@@ -49,11 +49,16 @@ def flat(batches):
 
 
 ALL = [f"k{i:04d}" for i in range(30)]
+AREA = "Shards and the reader"  # of docs/reliability.md (tests/faultlog.py)
+RANKS = "2 ranks x {0, 2} loader workers, fork or spawn, RANK wrong or unset in the environment"
 
 
-def test_config_is_validated():
-    with pytest.raises(ValueError, match="URL"):
+@pytest.mark.fault(AREA, "`pipe:` or another URL given as a split (webdataset would run it as a "
+                   "command)", injected="ReaderConfig('pipe:touch marker')")  # fmt: skip
+def test_config_is_validated(observed):
+    with pytest.raises(ValueError, match="URL") as err:
         ReaderConfig("pipe:touch marker")
+    observed(f"{type(err.value).__name__}: {err.value}")
     with pytest.raises(ValueError, match="batch_size"):
         ReaderConfig("x", batch_size=0)
     with pytest.raises(ValueError, match="frames"):
@@ -124,8 +129,10 @@ def read_ranks(split, world_size, **kw):
     [(0, None, "unset", True), (0, None, "unset", False), (2, "fork", "decoy", True),
      (2, "fork", "unset", False)],
 )
+@pytest.mark.fault(AREA, RANKS, injected="ranks 0 and 1 of 2 read 30 samples with RANK and "
+                   "WORLD_SIZE unset, or set to a decoy 0 of 1")  # fmt: skip
 def test_ranks_and_workers_read_each_sample_once(split, monkeypatch, workers, method, env,
-                                                  drop_last):
+                                                  drop_last, observed):  # fmt: skip
     if env == "decoy":  # workers that looked at the environment would all read rank 0's part
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", "1")
@@ -144,10 +151,14 @@ def test_ranks_and_workers_read_each_sample_once(split, monkeypatch, workers, me
         assert all(len(x) == 4 for x in itertools.chain(*per_rank))
     else:
         assert sorted(keys[0] + keys[1]) == ALL
+    observed(f"batches per rank {[len(b) for b in per_rank]}, samples {len(keys[0])} + "
+             f"{len(keys[1])}, in both {len(set(keys[0]) & set(keys[1]))}")  # fmt: skip
 
 
+@pytest.mark.fault(AREA, RANKS, injected="rank 1 of 2 read with 2 spawned, then 2 forked "
+                   "workers, RANK=0 WORLD_SIZE=1 in the environment")  # fmt: skip
 @pytest.mark.timeout(90)
-def test_spawned_workers_read_what_forked_ones_do(split, monkeypatch):
+def test_spawned_workers_read_what_forked_ones_do(split, monkeypatch, observed):
     """Spawned workers get rank and world size from the dataset, not from the environment."""
     monkeypatch.setenv("RANK", "0")  # a decoy: rank 1 must not read rank 0's part
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -155,20 +166,30 @@ def test_spawned_workers_read_what_forked_ones_do(split, monkeypatch):
     spawned, _ = read(split, 1, 2, start_method="spawn", **kw)
     forked, _ = read(split, 1, 2, start_method="fork", **kw)
     assert spawned == forked and len(spawned) == 3
+    observed(f"spawned workers: {len(spawned)} batches, {len(flat(spawned))} samples, the same "
+             f"as forked: {spawned == forked}")  # fmt: skip
 
 
+@pytest.mark.fault(AREA, "fewer shards than ranks x workers",
+                   injected="16 samples in 2 shards, read by 2 ranks x 2 workers")  # fmt: skip
 @pytest.mark.timeout(60)
-def test_fewer_shards_than_ranks_x_workers(tmp_path):
+def test_fewer_shards_than_ranks_x_workers(tmp_path, observed):
     d, _ = write(tmp_path, n=16, per_shard=8)
     results = read_ranks(d, 2, batch_size=2, num_workers=2, start_method="fork")
     assert [len(batches) for batches, _ in results] == [4, 4]
     assert sorted(flat(results[0][0] + results[1][0])) == [f"k{i:04d}" for i in range(16)]
+    observed(f"batches per rank {[len(batches) for batches, _ in results]}, "
+             f"{len(set(flat(results[0][0] + results[1][0])))} of 16 samples")  # fmt: skip
 
 
-def test_too_few_samples_is_a_clear_error_at_start(tmp_path):
+@pytest.mark.fault(AREA, "fewer samples than ranks x workers x batch",
+                   injected="6 samples read by rank 0 of 2 with 2 workers and batches of "
+                   "4")  # fmt: skip
+def test_too_few_samples_is_a_clear_error_at_start(tmp_path, observed):
     d, _ = write(tmp_path, n=6, per_shard=8)
-    with pytest.raises(ReaderError, match="too few.*rank 1 worker 1"):
+    with pytest.raises(ReaderError, match="too few.*rank 1 worker 1") as err:
         ShardReader(ReaderConfig(str(d), batch_size=4, num_workers=2), 0, 2)
+    observed(f"{type(err.value).__name__}: {err.value}")
 
 
 @pytest.mark.parametrize("total,world,batch,workers,drop_last",
@@ -192,15 +213,19 @@ def test_plan_ranges_partition_the_epoch(total, world, batch, workers, drop_last
         assert all(s == batch for p in plans for w in range(workers) for s in p.batch_sizes(w))
 
 
+@pytest.mark.fault(AREA, "a reader stopped mid-epoch and its state restored into a new one, or "
+                   "into another rank's reader", injected="state_dict after 1, 2, 4 and 5 of 5 "
+                   "batches, through JSON, loaded by a new reader (0 and 2 workers)")  # fmt: skip
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("workers", [0, 2])
-def test_restored_state_yields_exactly_the_rest(split, workers):
+def test_restored_state_yields_exactly_the_rest(split, workers, observed):
     kw = dict(batch_size=3, shuffle_buffer=5, num_workers=workers, start_method="fork")
     cfg = ReaderConfig(str(split), **kw)
     full = ShardReader(cfg, 1, 2)
     epoch0 = [b for b in full]
     epoch1 = [b["keys"] for b in full]
     assert len(epoch0) == 5
+    left = []
     for stop in (1, 2, 4, 5):
         first = ShardReader(cfg, 1, 2)
         for i, _ in enumerate(first):
@@ -210,12 +235,15 @@ def test_restored_state_yields_exactly_the_rest(split, workers):
         second = ShardReader(cfg, 1, 2)
         second.load_state_dict(state)
         rest = list(second)
+        left.append(len(rest))
         assert [b["keys"] for b in rest] == [b["keys"] for b in epoch0[stop:]]
         for got, want in zip(rest, epoch0[stop:], strict=True):
             assert torch.equal(got["frames"], want["frames"])
         assert [b["keys"] for b in second] == epoch1  # and the next epoch is unchanged
-    with pytest.raises(ReaderError, match="rank=1"):
+    with pytest.raises(ReaderError, match="rank=1") as err:
         ShardReader(cfg, 0, 2).load_state_dict(state)
+    observed(f"batches left after 1, 2, 4, 5 of 5: {left}; rank 0 given rank 1's state: "
+             f"{err.value}")  # fmt: skip
 
 
 def test_set_epoch_restarts_only_a_new_epoch(split):

@@ -86,6 +86,13 @@ def test_replayed_shuffle_is_the_stream_of_positions(bufsize):
     assert sorted(out) == list(range(48, 96)) and (bufsize == 1) == (out == sorted(out))
 
 
+AREA = "Shards and the reader"  # of docs/reliability.md (tests/faultlog.py)
+ELASTIC = "a reader's mid-epoch state resumed on another world size"
+
+
+@pytest.mark.fault(AREA, ELASTIC, injected="the states of 1, 2 or 4 ranks after some batches "
+                   "given to resplit() of 1 to 4 new ranks, with and without loader "
+                   "workers")  # fmt: skip
 @pytest.mark.parametrize(
     "old, new, workers_old, workers_new, batches",
     [
@@ -97,7 +104,8 @@ def test_replayed_shuffle_is_the_stream_of_positions(bufsize):
         (1, 2, 0, 2, 7),
     ],  # fmt: skip
 )
-def test_epoch_continues_on_another_world_size(split, old, new, workers_old, workers_new, batches):
+def test_epoch_continues_on_another_world_size(split, old, new, workers_old, workers_new, batches,
+                                               observed):  # fmt: skip
     before = readers(split, old, workers_old)
     seen = [k for r in before for k in take(r, batches)]
     states = [r.state_dict() for r in before]
@@ -115,9 +123,13 @@ def test_epoch_continues_on_another_world_size(split, old, new, workers_old, wor
     # the next epoch is whole again, on the new world size
     nxt = [k for r in after for k in rest_of_epoch(r)]
     assert len(set(nxt)) == len(nxt) == N // (new * 4) * new * 4
+    observed(f"{old} -> {new} ranks after {len(seen)} of {N}: {len(rest)} more, "
+             f"{len(set(seen) & set(rest))} read twice; next epoch {len(nxt)}")  # fmt: skip
 
 
-def test_two_changes_in_one_epoch_and_a_saved_segment_resumes_exactly(split):
+@pytest.mark.fault(AREA, ELASTIC, injected="2 ranks -> 3 ranks -> 1 rank within one epoch, and "
+                   "the 3-rank segment saved and resumed on 3 ranks")  # fmt: skip
+def test_two_changes_in_one_epoch_and_a_saved_segment_resumes_exactly(split, observed):
     a = readers(split, 2)
     seen = [k for r in a for k in take(r, 3)]
     b = readers(split, 3)
@@ -137,9 +149,13 @@ def test_two_changes_in_one_epoch_and_a_saved_segment_resumes_exactly(split):
     c = readers(split, 1)
     c[0].resplit(mid)
     assert len(c[0].history) == 2
+    segments = len(c[0].history)
     rest = rest_of_epoch(c[0])
     assert not set(seen) & set(rest) and len(set(seen)) == len(seen)
     assert N - len(seen) - 4 < len(rest) <= N - len(seen)
+    observed(f"2 -> 3 -> 1 ranks: {len(seen)} + {len(rest)} of {N} samples, "
+             f"{len(set(seen) & set(rest))} read twice, {segments} segments of "
+             "history")  # fmt: skip
 
 
 def readers_after(split, states):
@@ -149,15 +165,20 @@ def readers_after(split, states):
     return out
 
 
-def test_a_state_of_other_data_or_settings_is_refused(split, tmp_path):
+@pytest.mark.fault(AREA, "a reader state of another stream (seed, rank order, a cursor past the "
+                   "data)", injected="resplit() given seed-0 states by a seed-1 reader, the "
+                   "ranks' states reversed, a history cursor of 99")  # fmt: skip
+def test_a_state_of_other_data_or_settings_is_refused(split, tmp_path, observed):
     states = [r.state_dict() for r in readers(split, 2)]
-    with pytest.raises(ReaderError, match="seed=0, this reader 1"):
+    with pytest.raises(ReaderError, match="seed=0, this reader 1") as seed:
         readers(split, 1, seed=1)[0].resplit(states)
-    with pytest.raises(ReaderError, match="rank 1 of 2, expected 0 of 2"):
+    with pytest.raises(ReaderError, match="rank 1 of 2, expected 0 of 2") as order:
         readers(split, 1)[0].resplit(states[::-1])
     bad = [dict(s, history=[dict(world_size=2, workers=1, cursors=[[99], [0]])]) for s in states]
-    with pytest.raises(ValueError, match=r"history\[0\].cursors\[0\]\[0\]: expected 0..48"):
+    with pytest.raises(ValueError, match=r"history\[0\].cursors\[0\]\[0\]: expected 0..48") as cur:
         readers(split, 1)[0].resplit(bad)
+    for err in (seed, order, cur):
+        observed(f"{type(err.value).__name__}: {err.value}")
 
 
 def test_little_left_moves_on_to_the_next_epoch(split):

@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -10,6 +11,8 @@ from data_shards import schema
 from data_shards.manifest import Manifest, ManifestError
 from data_shards.verify import verify
 from data_shards.write import SplitWriter, WriterConfig, write_split
+
+AREA = "Writing and verifying"  # of docs/reliability.md (tests/faultlog.py)
 
 
 def test_encode_decode_round_trip():
@@ -93,31 +96,51 @@ def test_writer_rolls_shards_writes_manifest_and_is_deterministic(tmp_path):
     assert verify(tmp_path / "a", progress=False) == []
 
 
-def test_existing_split_is_kept_unless_overwrite(tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "a split that already exists, written again without and with --overwrite",
+    injected="write_split twice into the same folder",
+)
+def test_existing_split_is_kept_unless_overwrite(tmp_path, observed):
     write_split(tmp_path, "val", [make_sample()], {}, {})
     before = (tmp_path / "val" / "manifest.json").read_text()
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="--overwrite") as err:
         write_split(tmp_path, "val", [make_sample(seed=5)], {}, {})
     assert (tmp_path / "val" / "manifest.json").read_text() == before
+    observed(f"{type(err.value).__name__}: {err.value}")
     write_split(tmp_path, "val", [make_sample(seed=5)], {}, {}, WriterConfig(overwrite=True))
     assert (tmp_path / "val" / "manifest.json").read_text() != before
+    replaced = (tmp_path / "val" / "manifest.json").read_text() != before
+    observed(f"--overwrite: manifest replaced: {replaced}, files {sorted(os.listdir(tmp_path))}")
 
 
-def test_failed_write_leaves_no_split(tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "the sample source raises midway (renderer dies, Ctrl-C)",
+    injected="a generator that yields one sample, then raises RuntimeError",
+)
+def test_failed_write_leaves_no_split(tmp_path, observed):
     def gen():
         yield make_sample()
         raise RuntimeError("renderer died")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError) as err:
         write_split(tmp_path, "train", gen(), {}, {})
     assert list(tmp_path.iterdir()) == []
+    observed(f"{type(err.value).__name__}: {err.value}; files left: {os.listdir(tmp_path)}")
 
 
-def test_writer_rejects_mixed_layouts(tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "a sample of another layout (V, T, size, parts) than the split's first",
+    injected="a 5-frame sample written after a 4-frame one",
+)
+def test_writer_rejects_mixed_layouts(tmp_path, observed):
     with SplitWriter(tmp_path, "train") as w:
         w.write(make_sample(frames=4))
-        with pytest.raises(ValueError, match="layout"):
+        with pytest.raises(ValueError, match="layout") as err:
             w.write(make_sample(key="other", frames=5))
+    observed(f"{type(err.value).__name__}: {err.value}")
 
 
 def _damage(split_dir, how):
@@ -138,14 +161,21 @@ def _damage(split_dir, how):
         (split_dir / "manifest.json").write_text("{")
 
 
+@pytest.mark.fault(
+    AREA,
+    "`shards verify` on a copy with a shard cut at a block, a flipped byte, a stray or missing "
+    "shard, an unreadable manifest",
+    injected="each done to a split of 4 samples in 2 shards",
+)
 @pytest.mark.parametrize("how", ["truncate-512", "flip", "stray", "missing", "manifest"])
-def test_verify_fails_loudly_on_damage(tmp_path, how):
+def test_verify_fails_loudly_on_damage(tmp_path, how, observed):
     samples = [make_sample(key=f"k-{i}", seed=i) for i in range(4)]
     write_split(tmp_path, "train", samples, {}, {}, WriterConfig(max_samples=2))
     _damage(tmp_path / "train", how)
     problems = verify(tmp_path, progress=False)
     assert problems, how
     assert all(p.split == "train" for p in problems)
+    observed(f"{len(problems)} problem(s): " + " / ".join(map(str, problems)))
 
 
 def test_manifest_errors_are_clear(tmp_path):

@@ -25,6 +25,7 @@ from data_shards.video import (
 from data_shards.write import WriterConfig
 
 W, H, FPS = 160, 96, 25
+AREA = "Ingest"  # of docs/reliability.md (tests/faultlog.py)
 
 
 def source_frame(i: int) -> np.ndarray:
@@ -120,28 +121,38 @@ def test_crop_resize_is_the_transform_of_points(box):
     assert np.abs(found - transform_points(centre, box, (50, 30))).max() < 0.03
 
 
-def test_json_keypoints_with_wrong_frame_count(videos, tmp_path):
+@pytest.mark.fault(AREA, "a keypoints file with another frame count than its video",
+                   injected="19 and 21 frames of keypoints for a 20-frame video")  # fmt: skip
+def test_json_keypoints_with_wrong_frame_count(videos, tmp_path, observed):
     path = tmp_path / "b.json"
     path.write_text(json.dumps(np.zeros((19, 17, 2)).tolist()))
     config = VideoConfig(frames=4, keypoints=str(path))
-    with pytest.raises(VideoError, match=r"b\.mp4: keypoints file .*b\.json has 19 frames, the vi"):
+    with pytest.raises(VideoError, match=r"b\.mp4: keypoints file .*b\.json has 19 frames, the vi"
+                       ) as fewer:  # fmt: skip
         list(iter_video_samples([videos["b"]], config, progress=False))
     path.write_text(json.dumps(np.zeros((21, 17, 2)).tolist()))
-    with pytest.raises(VideoError, match=r"b\.json has 21 frames, the video has 20"):
+    with pytest.raises(VideoError, match=r"b\.json has 21 frames, the video has 20") as more:
         list(iter_video_samples([videos["b"]], config, progress=False))
+    observed(str(fewer.value))
+    observed(str(more.value))
 
 
-def test_missing_keypoints_file_in_directory(videos, tmp_path):
+@pytest.mark.fault(AREA, "a keypoints directory without the video's file",
+                   injected="an empty directory given as the keypoints")  # fmt: skip
+def test_missing_keypoints_file_in_directory(videos, tmp_path, observed):
     config = VideoConfig(frames=4, keypoints=str(tmp_path))
-    with pytest.raises(VideoError, match="no keypoints file"):
+    with pytest.raises(VideoError, match="no keypoints file") as err:
         list(iter_video_samples([videos["b"]], config, progress=False))
+    observed(str(err.value))
 
 
 BAD_CONTENT = [b"", b"this is not a video\n" * 50, b"\x00\x00\x00\x18ftypmp42"]  # last: cut .mp4
 
 
+@pytest.mark.fault(AREA, "an empty file, a text file or a cut .mp4 given as a video",
+                   injected="broken.mp4 holding each, ingested after a good video")  # fmt: skip
 @pytest.mark.parametrize("content", BAD_CONTENT)
-def test_bad_video_file_is_one_clear_error(videos, tmp_path, content):
+def test_bad_video_file_is_one_clear_error(videos, tmp_path, content, observed):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(content)
     with pytest.raises(VideoError) as info:
@@ -150,9 +161,13 @@ def test_bad_video_file_is_one_clear_error(videos, tmp_path, content):
     assert isinstance(info.value, ValueError) and "\n" not in message
     assert message.startswith(f"{bad}: ")
     assert not (tmp_path / "out" / "train").exists()  # nothing that looks like a split
+    observed(f"{type(info.value).__name__}: {message}; split written: "
+             f"{(tmp_path / 'out' / 'train').exists()}")  # fmt: skip
 
 
-def test_short_video_is_skipped_with_warning(videos, tmp_path, caplog):
+@pytest.mark.fault(AREA, "a video shorter than one window of T frames",
+                   injected="a 5-frame video beside a 20-frame one, 8-frame windows")  # fmt: skip
+def test_short_video_is_skipped_with_warning(videos, tmp_path, caplog, observed):
     with caplog.at_level(logging.WARNING, logger="data_shards.video"):
         ingest_videos([videos["short"], videos["b"]], tmp_path / "out", VideoConfig(frames=8),
                       WriterConfig(max_samples=1), split="test", progress=False)
@@ -160,8 +175,10 @@ def test_short_video_is_skipped_with_warning(videos, tmp_path, caplog):
     samples = read_split(tmp_path / "out" / "test")
     assert {s.meta.clip for s in samples} == {"b"}
     assert len(samples) == expected_windows(20, VideoConfig(frames=8)) == 2
-    with pytest.raises(ValueError, match="no video is as long as a window"):
+    observed(next(m for m in caplog.messages if "short.mp4" in m))
+    with pytest.raises(ValueError, match="no video is as long as a window") as err:
         ingest_videos([videos["short"]], tmp_path / "out2", VideoConfig(frames=8), progress=False)
+    observed(f"the short video alone: {err.value}")
 
 
 def test_val_fraction_splits_by_file(videos, tmp_path):
@@ -176,11 +193,15 @@ def test_val_fraction_splits_by_file(videos, tmp_path):
     assert not clips["train"] & clips["val"]
 
 
-def test_clip_name_clash_across_directories(videos, tmp_path):
+@pytest.mark.fault(AREA, "two videos of the same name in different folders",
+                   injected="a copy of b.mp4 in another folder, ingested with a val "
+                   "fraction")  # fmt: skip
+def test_clip_name_clash_across_directories(videos, tmp_path, observed):
     other = tmp_path / "b.mp4"
     other.write_bytes(videos["b"].read_bytes())
-    with pytest.raises(VideoError, match="clip name 'b' clashes"):
+    with pytest.raises(VideoError, match="clip name 'b' clashes") as err:
         ingest_videos([videos["b"], other], tmp_path / "out", val_fraction=0.5, progress=False)
+    observed(str(err.value))
 
 
 def test_config_validation():

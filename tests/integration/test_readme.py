@@ -7,6 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -22,7 +24,12 @@ def test_readme_has_exactly_the_two_commands_and_ci_runs_the_test_one():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_main_job_quick(quick_demo):
+@pytest.mark.fault(
+    "Fine-tuning heads and the demo",
+    "`posebert demo` run again on its finished folder, and on it with other settings",
+    injected="the quick demo's command rerun, then run without --quick on the same --out",
+)  # fmt: skip
+def test_main_job_quick(quick_demo, observed):
     """`make demo` in its quick form: every stage of `posebert demo` on a sliver of the data,
     ending in the one results table; run again, it finds every stage done."""
     tmp_path, r = quick_demo.out, quick_demo.run  # run once per session (tests/conftest.py)
@@ -55,6 +62,9 @@ def test_main_job_quick(quick_demo):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("done already") == len(stages)
     assert (tmp_path / "results.md").read_text() == table
+    observed(f"rerun: exit {again.returncode}, {again.stdout.count('done already')} of "
+             f"{len(stages)} stages done already, the same table: "
+             f"{(tmp_path / 'results.md').read_text() == table}")  # fmt: skip
     dry = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "posebert"), "demo", "--out", str(tmp_path / "none"),
          "--dry-run"], capture_output=True, text=True, timeout=120,
@@ -68,3 +78,4 @@ def test_main_job_quick(quick_demo):
     )  # fmt: skip
     assert other.returncode == 2 and "other settings" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
+    observed(f"other settings: exit {other.returncode}: {other.stderr.strip()}")

@@ -8,6 +8,8 @@ import pytest
 
 from pipelines import ablation
 
+AREA = "Lifting heads and the ablation"  # of docs/reliability.md (tests/faultlog.py)
+
 
 def _config(stage):
     """The pretraining config a stage's command line resolves to (recipe, levers, --set)."""
@@ -59,13 +61,22 @@ def test_appearance_shards_only_when_a_variant_needs_them(tmp_path):
     assert "shards-appearance-swap" in names
 
 
-def test_unknown_variant_is_one_line():
-    with pytest.raises(ValueError, match="unknown variant.*'nope'.*choose from levers, compar"):
+@pytest.mark.fault(AREA, "an unknown ablation variant", injected="--variants baseline,nope")
+def test_unknown_variant_is_one_line(observed):
+    with pytest.raises(
+        ValueError, match="unknown variant.*'nope'.*choose from levers, compar"
+    ) as err:
         ablation.parse_variants("baseline,nope")
+    observed(str(err.value))
     assert ablation.parse_variants("all,all,baseline") == ["all", "baseline"]
 
 
-def test_quick_variant_end_to_end_and_rerun(tmp_path, capsys):
+@pytest.mark.fault(
+    AREA,
+    "`posebert ablation` run again, or on a folder holding a run with other settings",
+    injected="run_ablation twice on the same folder, then once without --quick",
+)
+def test_quick_variant_end_to_end_and_rerun(tmp_path, capsys, observed):
     out = tmp_path / "ab"
     assert ablation.run_ablation(out, "baseline", quick=True, nproc=1) == 0
     result = json.loads((out / "ablation.json").read_text())
@@ -83,10 +94,14 @@ def test_quick_variant_end_to_end_and_rerun(tmp_path, capsys):
     assert result["protocol"]["queries"] == ["val", "test"] and result["stage"] == "ablation"
     assert (out / "ablation.png").stat().st_size > 10_000
     capsys.readouterr()
-    assert ablation.run_ablation(out, "baseline", quick=True, nproc=1) == 0
-    assert capsys.readouterr().out.count("done already") == 5
-    with pytest.raises(ValueError, match="other settings"):
+    code = ablation.run_ablation(out, "baseline", quick=True, nproc=1)
+    assert code == 0
+    again = capsys.readouterr().out
+    assert again.count("done already") == 5
+    observed(f"rerun: exit {code}, {again.count('done already')} stages done already")
+    with pytest.raises(ValueError, match="other settings") as err:
         ablation.run_ablation(out, "baseline", quick=False, nproc=1)
+    observed(f"other settings: {err.value}")
 
 
 def test_steps_budgets_give_one_run_per_variant_and_budget(tmp_path):

@@ -22,6 +22,7 @@ from pretrain.engine.dist import DistEnv, expand_nodelist, expand_tasks_per_node
 from pretrain.engine.preemption import PreemptionFlag
 
 ROOT = Path(__file__).resolve().parents[2]
+AREA = "Pretraining"  # of docs/reliability.md (tests/faultlog.py)
 
 # ----------------------------------------------------------------------------- dist
 
@@ -188,7 +189,12 @@ def _launch_in_subprocess(code: str, timeout: float = 120, **popen) -> int:
     return p.returncode
 
 
-def test_launch_local_sets_env_and_names_a_dead_rank(tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "one local rank dies",
+    injected="rank 1 of 2 under launch_local exits with code 3, rank 0 sleeps",
+)
+def test_launch_local_sets_env_and_names_a_dead_rank(tmp_path, observed):
     child = tmp_path / "child.py"
     child.write_text(
         textwrap.dedent("""
@@ -213,8 +219,11 @@ def test_launch_local_sets_env_and_names_a_dead_rank(tmp_path):
         text=True,
         timeout=60,
     )
-    assert p.returncode == 3 and time.monotonic() - start < 30
+    took = time.monotonic() - start
+    assert p.returncode == 3 and took < 30
     assert "launch_local: rank 1 exited with code 3" in p.stderr
+    line = next(line for line in p.stderr.splitlines() if "launch_local" in line)
+    observed(f"exit {p.returncode} after {took:.1f} s: {line}")
     # rank 0 writes to the terminal itself, the others through the launcher's pumps: a line
     # of rank 1 may land between rank 0's text and its newline (unbuffered print), so look
     # for each line's text, not for whole lines
@@ -238,7 +247,12 @@ def _launch_two(child) -> subprocess.Popen:
     )
 
 
-def test_launch_local_forwards_preemption_signals(tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "SIGUSR1 to the local launcher",
+    injected="os.kill of launch_local's process once both ranks are ready",
+)
+def test_launch_local_forwards_preemption_signals(tmp_path, observed):
     child = tmp_path / "child.py"
     child.write_text(
         textwrap.dedent(f"""
@@ -265,9 +279,15 @@ def test_launch_local_forwards_preemption_signals(tmp_path):
         launcher.kill()
     assert launcher.returncode == 75, err
     assert "launch_local" not in err  # every rank exited 75 together: nothing to report
+    observed(f"exit {launcher.returncode}, launcher lines {err.count('launch_local')}")
 
 
-def test_launch_local_forwards_every_repeat_and_only_sigquit_kills(tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "SIGINT, SIGINT, SIGTERM, SIGINT to the launcher, then SIGQUIT",
+    injected="each sent to launch_local 0.2 s apart while 2 ranks sleep",
+)
+def test_launch_local_forwards_every_repeat_and_only_sigquit_kills(tmp_path, observed):
     """A burst of INT/TERM reaches every rank (INT as TERM) and kills nothing: a second SIGINT
     used to kill every rank, mid-checkpoint too. SIGQUIT kills every rank at once."""
     child = tmp_path / "child.py"
@@ -303,6 +323,8 @@ def test_launch_local_forwards_every_repeat_and_only_sigquit_kills(tmp_path):
         launcher.kill()
     assert [f.read_text().split() for f in got] == [["SIGTERM"] * 4] * 2
     assert launcher.returncode == 128 + signal.SIGKILL, err
+    observed(f"ranks received {[f.read_text().split() for f in got]}; after SIGQUIT exit "
+             f"{launcher.returncode}")  # fmt: skip
 
 
 def test_relaunch_reruns_the_command_line_without_the_flag_only_outside_a_launcher(monkeypatch):

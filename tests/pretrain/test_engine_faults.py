@@ -30,6 +30,8 @@ MODEL_FILE = "deepspeed/mp_rank_00_model_states.pt"
 CONFIG = {"run": {"recipe": "test"}}
 META = {"world_size": 1, "config": CONFIG, "code_version": "test"}
 ENGINE = EngineConfig(micro_batch_per_rank=2)
+AREA = "Pretraining"  # of docs/reliability.md (tests/faultlog.py)
+TAMPERED_STATE = "a resume state tampered behind its manifest (cursor, step, counters, RNGs)"
 
 
 class _Engine:
@@ -98,7 +100,13 @@ def _two_checkpoints(tmp_path: Path, reader: ShardReader) -> tuple[ck.Checkpoint
     return m, older
 
 
-def test_file_that_fails_to_load_after_verifying_falls_back(tmp_path, reader, caplog):
+@pytest.mark.fault(
+    AREA,
+    "a checkpoint file in torch's legacy (non-zip) format rewritten with its manifest",
+    injected="step_4's model file: a legacy torch.save of an object whose unpickling creates a "
+    "marker file (global io.open)",
+)
+def test_file_that_fails_to_load_after_verifying_falls_back(tmp_path, reader, caplog, observed):
     """A file rewritten behind a rewritten manifest in torch's legacy format (not scanned
     statically): the load fails in one line naming the file, the checkpoint is moved aside as
     step_4.corrupt and the resume takes step 2; the payload never runs."""
@@ -119,9 +127,16 @@ def test_file_that_fails_to_load_after_verifying_falls_back(tmp_path, reader, ca
     assert "\n" not in warning and "weights_only" not in warning
     assert reader.state_dict() == older[loop.CLIENT_KEY]["ranks"][0]["reader"]
     assert ck.CheckpointManager(tmp_path / "run").resolve()[0].step == 2  # the next start too
+    observed(f"resumed step {got.step}, marker created: {marker.exists()}: {warning}")
 
 
-def test_zip_file_rewritten_behind_its_manifest_is_refused_by_verify(tmp_path, reader):
+@pytest.mark.fault(
+    AREA,
+    "a checkpoint file rewritten together with its manifest (zip; pickle global io.open)",
+    injected="step_4's model file: torch.save of an object whose unpickling creates a marker "
+    "file; size and sha256 rewritten",
+)
+def test_zip_file_rewritten_behind_its_manifest_is_refused_by_verify(tmp_path, reader, observed):
     """The usual torch zip format: the static scan of its pickle refuses it before anything is
     unpickled, and resolve falls back to step 2 like for a truncated file."""
     m, _ = _two_checkpoints(tmp_path, reader)
@@ -140,9 +155,15 @@ def test_zip_file_rewritten_behind_its_manifest_is_refused_by_verify(tmp_path, r
         ck.SafeCheckpointEngine().load(str(evil))
     assert str(evil) in str(err.value) and "\n" not in str(err.value)
     assert "weights_only" not in str(err.value) and not marker.exists()
+    observed(f"resolved step_{ref.step}: {problems[0]}; marker created: {marker.exists()}")
 
 
-def test_tampered_cursor_falls_back_to_the_previous_checkpoint(tmp_path, reader, caplog):
+@pytest.mark.fault(
+    AREA,
+    TAMPERED_STATE,
+    injected="reader cursor 1,000,000 in step_4's state, the manifest rewritten",
+)
+def test_tampered_cursor_falls_back_to_the_previous_checkpoint(tmp_path, reader, caplog, observed):
     m, older = _two_checkpoints(tmp_path, reader)
     bad = _client(4, reader)
     bad[loop.CLIENT_KEY]["ranks"][0]["reader"]["cursors"] = [1_000_000]  # beyond the data
@@ -153,21 +174,35 @@ def test_tampered_cursor_falls_back_to_the_previous_checkpoint(tmp_path, reader,
     assert any(f"{f}: resume state reader.cursors[0]: 1000000, expected 0..8" in r.getMessage()
                for r in caplog.records)  # fmt: skip
     assert reader.state_dict() == older[loop.CLIENT_KEY]["ranks"][0]["reader"]
+    line = next(r.getMessage() for r in caplog.records if "resume state" in r.getMessage())
+    observed(f"resumed step {got.step}: {line}")
 
 
-def test_no_valid_checkpoint_left_is_an_error_then_and_later(tmp_path, reader):
+@pytest.mark.fault(
+    AREA,
+    TAMPERED_STATE,
+    injected="the only checkpoint's state claims step 40; then its latest pointer deleted",
+)
+def test_no_valid_checkpoint_left_is_an_error_then_and_later(tmp_path, reader, observed):
     m = ck.CheckpointManager(tmp_path / "run")
     bad = _client(4, reader)
     bad[loop.CLIENT_KEY]["step"] = 40
     _save(m.root, 4, bad)
-    with pytest.raises(ck.CheckpointError, match="resume state step: 40, expected 4"):
+    with pytest.raises(ck.CheckpointError, match="resume state step: 40, expected 4") as now:
         loop._resume(m, _Engine(), reader, m.find(), META, loop.TrainConfig(), ENGINE)
     (m.root / "latest").unlink()  # even without the pointer: no silent fresh start
-    with pytest.raises(ck.CheckpointError, match="no valid checkpoint"):
+    with pytest.raises(ck.CheckpointError, match="no valid checkpoint") as later:
         ck.CheckpointManager(tmp_path / "run").resolve()
+    observed(f"{type(now.value).__name__}: {now.value}")
+    observed(f"next start, no latest: {later.value}")
 
 
-def test_a_state_of_another_stream_is_refused_not_moved_aside(tmp_path, reader):
+@pytest.mark.fault(
+    AREA,
+    "a checkpoint whose reader state is of another stream (seed)",
+    injected="step_4 committed with a reader fingerprint of seed 99",
+)
+def test_a_state_of_another_stream_is_refused_not_moved_aside(tmp_path, reader, observed):
     """Another shard set or seed is a mismatch of this run, not damage: the reader refuses it
     naming the field and the checkpoint stays where it is."""
     from data_shards.stages import ReaderError
@@ -176,9 +211,11 @@ def test_a_state_of_another_stream_is_refused_not_moved_aside(tmp_path, reader):
     client = _client(4, reader)
     client[loop.CLIENT_KEY]["ranks"][0]["reader"]["fingerprint"]["seed"] = 99
     _save(m.root, 4, client)
-    with pytest.raises(ReaderError, match="seed=99"):
+    with pytest.raises(ReaderError, match="seed=99") as err:
         loop._resume(m, _Engine(), reader, m.find(), META, loop.TrainConfig(), ENGINE)
     assert (m.root / "step_4").is_dir() and not list(m.root.glob("*.corrupt"))
+    observed(f"{type(err.value).__name__}: {err.value}; moved aside: "
+             f"{[p.name for p in m.root.glob('*.corrupt')]}")  # fmt: skip
 
 
 def _set(path: str, value):
@@ -234,9 +271,15 @@ TAMPERED = {
 }
 
 
+@pytest.mark.fault(
+    AREA,
+    TAMPERED_STATE,
+    injected="one field of the resume state set out of range or of the wrong type (24 kinds)",
+)
 @pytest.mark.parametrize("name", TAMPERED)
 def test_every_field_of_the_resume_state_is_checked_before_any_is_applied(tmp_path, reader,
-                                                                          name):  # fmt: skip
+                                                                          name,
+                                                                          observed):  # fmt: skip
     ref_dir = tmp_path / "step_4"
     (ref_dir / "deepspeed").mkdir(parents=True)
     (ref_dir / MODEL_FILE).touch()
@@ -255,12 +298,19 @@ def test_every_field_of_the_resume_state_is_checked_before_any_is_applied(tmp_pa
     assert random.getstate() == rng_before[0]
     assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), rng_before[1],
                                                     strict=True))  # fmt: skip
+    unchanged = reader.state_dict() == reader_before and random.getstate() == rng_before[0]
+    observed(f"{type(err.value).__name__}: {message}; reader and RNGs unchanged: {unchanged}")
 
 
 # ----------------------------------------------------------------------------- a full disk
 
 
-def test_full_disk_at_resume_start_exits_74_and_loses_nothing(tmp_path, monkeypatch):
+@pytest.mark.fault(
+    AREA,
+    "ENOSPC at resume start (trimming metrics.jsonl, rewriting config.json)",
+    injected="every file written in the run folder on a full disk (tests/diskfull.py)",
+)
+def test_full_disk_at_resume_start_exits_74_and_loses_nothing(tmp_path, monkeypatch, observed):
     """metrics.jsonl must drop the lines of a killed run, config.json must be rewritten: on a
     full disk both fail with one error naming the file and exit code 74 (EX_IOERR), leave the
     files as they were and no .part file."""
@@ -275,11 +325,13 @@ def test_full_disk_at_resume_start_exits_74_and_loses_nothing(tmp_path, monkeypa
     with pytest.raises(OSError) as err:
         MetricsLogger(tmp_path, True, 4, 10, tensorboard=False, progress=False)
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(metrics)
+    observed(f"metrics.jsonl: exit {loop.exit_code_for(err.value)}: {err.value}")
     assert loop.exit_code_for(err.value) == loop.EXIT_CHECKPOINT == 74
     assert metrics.read_text() == lines and not (tmp_path / "metrics.jsonl.part").exists()
     with pytest.raises(OSError) as err:
         loop._write_config(config, '{"new": 1}\n')
     assert err.value.filename == str(config) and loop.exit_code_for(err.value) == 74
+    observed(f"config.json: exit {loop.exit_code_for(err.value)}: {err.value}")
     assert config.read_text() == '{"old": 1}\n'
     truncate_after(metrics, 7)  # nothing to drop: nothing written, no error
     loop._write_config(config, '{"old": 1}\n')  # the same content: not rewritten
@@ -304,7 +356,13 @@ def test_full_disk_at_resume_start_exits_74_and_loses_nothing(tmp_path, monkeypa
                                           "4096, got 100000000"),
     ("objective.negatives.num=4096", ""),
 ])  # fmt: skip
-def test_sizes_that_allocate_are_bounded_in_one_line(capsys, override, needle):
+@pytest.mark.fault(
+    AREA,
+    "`--set data.size=100000` and other sizes that allocate (frames, encoder, quantizer, batch, "
+    "negatives)",
+    injected="`posebert pretrain --recipe debug_cpu --print-config --set FIELD=VALUE`",
+)
+def test_sizes_that_allocate_are_bounded_in_one_line(capsys, override, needle, observed):
     """`--set data.size=100000` used to end in `MemoryError:` with no message, mid-run."""
     from posebert.cli import main
 
@@ -313,5 +371,7 @@ def test_sizes_that_allocate_are_bounded_in_one_line(capsys, override, needle):
     captured = capsys.readouterr()
     if not needle:
         assert code == 0 and json.loads(captured.out)
+        observed(f"{override}: exit {code}, the config printed ({len(captured.out)} bytes)")
         return
     assert code == 2 and needle in captured.err and len(captured.err.strip().splitlines()) == 1
+    observed(f"exit {code}: {captured.err.strip()}")

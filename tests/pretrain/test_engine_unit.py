@@ -20,6 +20,8 @@ from pretrain.engine.deepspeed_config import (
 from pretrain.engine.metrics import read_metrics, truncate_after
 from pretrain.engine.schedules import LRSchedule, exponential_decay, warmup_cosine
 
+AREA = "Pretraining"  # of docs/reliability.md (tests/faultlog.py)
+
 # ----------------------------------------------------------------------------- schedules
 
 
@@ -179,12 +181,20 @@ def ckpts(tmp_path):
     return m
 
 
-def test_resolve_picks_newest_and_ignores_tmp(ckpts):
+@pytest.mark.fault(
+    AREA,
+    "a half-written step_N.tmp beside committed checkpoints (a save killed mid-commit)",
+    injected="an empty step_8.tmp/deepspeed directory beside steps 2, 4, 6",
+)
+def test_resolve_picks_newest_and_ignores_tmp(ckpts, observed):
     (ckpts.root / "step_8.tmp" / "deepspeed").mkdir(parents=True)
     ref, problems = ckpts.resolve()
     assert ref.step == 6 and problems == [] and ckpts.read_pointer() == "step_6"
-    assert ckpts.clean_tmp() == [ckpts.root / "step_8.tmp"]
+    removed = ckpts.clean_tmp()
+    assert removed == [ckpts.root / "step_8.tmp"]
     assert not (ckpts.root / "step_8.tmp").exists()
+    observed(f"resolved step_{ref.step}, problems {problems}; removed "
+             f"{[p.name for p in removed]}")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -199,40 +209,60 @@ def test_resolve_picks_newest_and_ignores_tmp(ckpts):
     ],
     ids=["truncated", "missing", "modified", "extra", "bad-manifest", "no-manifest"],
 )
-def test_damaged_newest_falls_back_to_previous(ckpts, damage, expected):
+@pytest.mark.fault(
+    AREA,
+    "a checkpoint file truncated, modified, missing or extra; its manifest bad or missing",
+    injected="each done to the newest of three committed checkpoints",
+)
+def test_damaged_newest_falls_back_to_previous(ckpts, damage, expected, observed):
     damage(ckpts.root / "step_6")
     ref, problems = ckpts.resolve()
     assert ref.step == 4
     assert len(problems) == 1 and "step_6" in problems[0] and expected in problems[0]
     ckpts.quarantine()
     assert (ckpts.root / "step_6.corrupt").is_dir() and not (ckpts.root / "step_6").exists()
+    observed(f"resolved step_{ref.step}: {problems[0]}; moved to "
+             f"{sorted(p.name for p in ckpts.root.glob('*.corrupt'))}")  # fmt: skip
 
 
+@pytest.mark.fault(
+    AREA,
+    "the `latest` pointer empty, missing or dangling",
+    injected="latest emptied, deleted, or naming step_9, which does not exist",
+)
 @pytest.mark.parametrize(
     "pointer, expected", [("", "is empty"), (None, "is missing"), ("step_9", "does not exist")]
 )
-def test_bad_pointer_is_reported_and_resolved(ckpts, pointer, expected):
+def test_bad_pointer_is_reported_and_resolved(ckpts, pointer, expected, observed):
     p = ckpts.root / "latest"
     p.unlink()
     if pointer is not None:
         p.write_text(pointer)
     ref, problems = ckpts.resolve()
     assert ref.step == 6 and expected in problems[0]
+    observed(f"resolved step_{ref.step}: {problems[0]}")
 
 
-def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(ckpts, tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "no valid checkpoint left, or a pointer to one that never existed",
+    injected="the model file of every step deleted; a fresh folder whose latest names step_3",
+)
+def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(ckpts, tmp_path, observed):
     from pretrain.engine.checkpoint import CheckpointError, CheckpointManager
 
     for step in (2, 4, 6):
         (ckpts.root / f"step_{step}" / "deepspeed/mp_rank_00_model_states.pt").unlink()
-    with pytest.raises(CheckpointError, match="no valid checkpoint.*step_6.*missing"):
+    with pytest.raises(CheckpointError, match="no valid checkpoint.*step_6.*missing") as none:
         ckpts.resolve()
     empty = CheckpointManager(tmp_path / "fresh")
     assert empty.resolve() == (None, [])
     (empty.root).mkdir(parents=True)
     (empty.root / "latest").write_text("step_3")
-    with pytest.raises(CheckpointError, match="step_3"):
+    with pytest.raises(CheckpointError, match="step_3") as dangling:
         empty.resolve()
+    observed(f"{type(none.value).__name__}: {none.value}")
+    observed(f"{type(dangling.value).__name__}: {dangling.value}")
 
 
 def test_prune_keeps_the_newest(ckpts):
@@ -241,7 +271,13 @@ def test_prune_keeps_the_newest(ckpts):
     assert [s for s, _ in ckpts.steps()] == [6, 4]
 
 
-def test_check_compatible_names_the_field():
+@pytest.mark.fault(
+    AREA,
+    "a changed config field or world size on resume",
+    injected="check_compatible of a saved config against one with another world size, "
+    "zero_stage or max_steps",
+)
+def test_check_compatible_names_the_field(observed):
     from pretrain.engine.checkpoint import ResumeMismatch
     from pretrain.engine.runstate import check_compatible
 
@@ -250,25 +286,35 @@ def test_check_compatible_names_the_field():
     with pytest.raises(ResumeMismatch, match="world_size"):
         check_compatible(saved, {**saved, "world_size": 1})
     changed = {"world_size": 2, "config": {"engine": {"zero_stage": 3}, "train": {"max_steps": 9}}}
-    with pytest.raises(ResumeMismatch, match="engine.zero_stage: checkpoint has 2, this run 3"):
+    with pytest.raises(
+        ResumeMismatch, match="engine.zero_stage: checkpoint has 2, this run 3"
+    ) as e:
         check_compatible(saved, changed, ignore=["train.max_steps"])
+    observed(f"{type(e.value).__name__}: {e.value}")
     longer = {"world_size": 2, "config": {**saved["config"], "train": {"max_steps": 9}}}
     check_compatible(saved, longer, ignore=["train.max_steps"])
     nested = {"world_size": 2, "config": {"run": {"train": {"max_steps": 5, "seed": 1}}}}
     more = {"world_size": 2, "config": {"run": {"train": {"max_steps": 7, "seed": 1}}}}
     check_compatible(nested, more, ignore=["train.max_steps"])  # found anywhere in the tree
-    with pytest.raises(ResumeMismatch, match="run.train.max_steps"):
+    with pytest.raises(ResumeMismatch, match="run.train.max_steps") as e:
         check_compatible(nested, more, ignore=["max_step"])  # whole names only
+    observed(f"ignore=['max_step'] (not a whole name): {e.value}")
 
 
-def test_unsafe_torch_load_env_is_refused():
+@pytest.mark.fault(
+    AREA,
+    "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the environment",
+    injected="refuse_unsafe_torch_load given the variable as 1, true, YES (and 0)",
+)
+def test_unsafe_torch_load_env_is_refused(observed):
     from pretrain.engine.checkpoint import CheckpointError, refuse_unsafe_torch_load
 
     refuse_unsafe_torch_load({})
     refuse_unsafe_torch_load({"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "0"})
     for value in ("1", "true", "YES"):
-        with pytest.raises(CheckpointError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        with pytest.raises(CheckpointError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") as err:
             refuse_unsafe_torch_load({"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": value})
+        observed(f"{value}: {type(err.value).__name__}: {err.value}")
 
 
 class _Marker:
@@ -279,7 +325,13 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
-def test_tampered_checkpoint_with_rewritten_manifest_runs_no_code(tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "a checkpoint file rewritten together with its manifest (pickle global io.open)",
+    injected="the model file replaced by a torch.save'd object whose unpickling creates a "
+    "marker file; sizes and hashes rewritten",
+)
+def test_tampered_checkpoint_with_rewritten_manifest_runs_no_code(tmp_path, observed):
     """An attacker who rewrites a file *and* its manifest still cannot run code: the manifest
     check lists the file's pickle globals without unpickling, and every file is loaded with
     weights_only=True; both refuse it in one line naming the file."""
@@ -300,12 +352,14 @@ def test_tampered_checkpoint_with_rewritten_manifest_runs_no_code(tmp_path):
         "sha256": sha256_file(evil),
     }
     (step / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointCorrupt, match="safe loader refuses"):
+    with pytest.raises(CheckpointCorrupt, match="safe loader refuses") as scan:
         verify(step)  # sizes and hashes match: the scan of the pickle refuses it
     with pytest.raises(CheckpointCorrupt, match="cannot be loaded safely") as err:
         SafeCheckpointEngine().load(str(evil))
     assert str(err.value).startswith(str(evil)) and "\n" not in str(err.value)
     assert not marker.exists()
+    observed(f"verify: {scan.value}")
+    observed(f"load: {err.value}; marker created: {marker.exists()}")
 
 
 def test_rng_state_round_trip():
@@ -365,7 +419,14 @@ def test_batch_stream_crosses_epochs_without_touching_the_rng():
         BatchStream(_ListReader(0), torch.device("cpu")).next()
 
 
-def test_another_world_size_keeps_the_global_batch_or_names_the_sizes_that_can(tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "a world size that cannot keep the global batch; ZeRO-3 or bf16 without ZeRO on another "
+    "world size",
+    injected="engine_for a 2-rank checkpoint (global batch 16) on 3 or 8 ranks, with ZeRO-3, "
+    "with bf16",
+)
+def test_another_world_size_keeps_the_global_batch_or_names_the_sizes_that_can(tmp_path, observed):
     from pretrain.engine import elastic
     from pretrain.engine.checkpoint import CheckpointCorrupt, CheckpointRef, ResumeMismatch
     from pretrain.engine.deepspeed_config import EngineConfig
@@ -382,14 +443,17 @@ def test_another_world_size_keeps_the_global_batch_or_names_the_sizes_that_can(t
     assert elastic.may_change(ref(2), 2) == elastic.may_change(None, 4) == ()
     with pytest.raises(
         ResumeMismatch, match=r"global batch of 16 .*world sizes that can: 1, 2, 4\)$"
-    ):
+    ) as three:
         elastic.engine_for(ref(2), cfg, 3)
+    observed(f"3 ranks: {three.value}")
     with pytest.raises(ResumeMismatch, match="8 ranks cannot keep it"):
         elastic.engine_for(ref(2), cfg, 8)
-    with pytest.raises(ResumeMismatch, match="ZeRO-3 optimizer partitions"):
+    with pytest.raises(ResumeMismatch, match="ZeRO-3 optimizer partitions") as zero3:
         elastic.engine_for(ref(2), EngineConfig(zero_stage=3, micro_batch_per_rank=4), 4)
-    with pytest.raises(ResumeMismatch, match="bf16 without ZeRO"):
+    with pytest.raises(ResumeMismatch, match="bf16 without ZeRO") as bf16:
         elastic.engine_for(ref(2), EngineConfig(precision="bf16", micro_batch_per_rank=4), 4)
+    observed(f"ZeRO-3: {zero3.value}")
+    observed(f"bf16: {bf16.value}")
     with pytest.raises(CheckpointCorrupt, match="world_size 'two' is not a count"):
         elastic.engine_for(ref("two"), cfg, 4)
     meta = {"world_size": 4, "config": {"engine": {"micro_batch_per_rank": 4, "grad_accum": 1}}}

@@ -22,6 +22,12 @@ from pretrain.model import PoseBERT
 from pretrain.recipes import debug_cpu
 
 MODEL_FILE = "deepspeed/mp_rank_00_model_states.pt"
+ENCODER = (
+    "an encoder folder: config not JSON or not an object, unknown field, depth=100000, too many "
+    "weights, input.size=20000; safetensors cut or empty; NaN or inf; a missing or mis-shaped "
+    "tensor"
+)
+EXPORT = "`posebert export`: a checkpoint rewritten behind its manifest, none valid, a NaN weight"
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +85,11 @@ DAMAGE = {
 }  # fmt: skip
 
 
+@pytest.mark.fault(
+    "Evaluation", ENCODER, injected="the exported config.json or model.safetensors edited"
+)
 @pytest.mark.parametrize("name", DAMAGE)
-def test_a_damaged_encoder_is_one_line_naming_the_file(encoder, name):
+def test_a_damaged_encoder_is_one_line_naming_the_file(encoder, name, observed):
     load_encoder(encoder)  # intact: loads
     damage, file, needle = DAMAGE[name]
     damage(encoder)
@@ -89,9 +98,13 @@ def test_a_damaged_encoder_is_one_line_naming_the_file(encoder, name):
     message = str(err.value)
     assert message.startswith(f"{encoder / file}: ") and needle in message, message
     assert "\n" not in message
+    observed(f"{type(err.value).__name__}: {message}")
 
 
-def test_evaluate_on_a_damaged_encoder_exits_2_in_one_line(encoder, tmp_path, capsys):
+@pytest.mark.fault(
+    "Evaluation", ENCODER, injected="`posebert evaluate retrieval` on an encoder of depth 100000"
+)
+def test_evaluate_on_a_damaged_encoder_exits_2_in_one_line(encoder, tmp_path, capsys, observed):
     from conftest import make_sample
 
     from data_shards.write import write_split
@@ -105,14 +118,23 @@ def test_evaluate_on_a_damaged_encoder_exits_2_in_one_line(encoder, tmp_path, ca
                  str(tmp_path / "shards"), "--out", str(tmp_path / "out")])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and str(encoder / CONFIG) in err, err
+    observed(f"exit {code}: {err}")
 
 
-def test_a_backbone_weights_path_in_the_config_is_not_read(encoder, model):
+@pytest.mark.fault(
+    "Evaluation",
+    "a backbone weights path written into an exported encoder's config.json",
+    injected="model.backbone.weights set to a path that does not exist",
+)
+def test_a_backbone_weights_path_in_the_config_is_not_read(encoder, model, observed):
     """The exported weights hold the backbone; a path in a config made elsewhere is not
     opened (here it does not even exist)."""
     _edit_config(encoder, lambda m: m["model"]["backbone"].update(weights="/nonexistent/w.pth"))
     loaded = load_encoder(encoder)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    same = sum(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    observed(f"loaded: {same} of {len(loaded.state_dict())} tensors from the exported weights, "
+             f"backbone weights path {loaded.cfg.backbone.weights}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- export
@@ -154,10 +176,16 @@ def _export(run: Path, out: Path, capsys, *extra: str) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
+@pytest.mark.fault(
+    "Pretraining",
+    EXPORT,
+    injected="a legacy torch file whose unpickling creates a marker file, committed with its "
+    "manifest (ZeRO-0 and ZeRO-3 layouts)",
+)
 @pytest.mark.parametrize("zero_stage, rel", [
     (0, MODEL_FILE), (3, "deepspeed/zero_pp_rank_0_mp_rank_00_model_states.pt")])  # fmt: skip
 def test_export_of_a_file_that_will_not_load_is_one_line(tmp_path, model, capsys, zero_stage,
-                                                         rel):  # fmt: skip
+                                                         rel, observed):  # fmt: skip
     """A file rewritten with its manifest, in torch's legacy format (which the manifest's
     static scan does not read): the loader refuses it, naming it; the payload never runs.
     ZeRO-3 goes through DeepSpeed's zero_to_fp32, which loads with weights_only=False."""
@@ -170,9 +198,15 @@ def test_export_of_a_file_that_will_not_load_is_one_line(tmp_path, model, capsys
     assert f"{run / 'checkpoints' / 'step_2' / rel}: cannot be loaded safely" in err
     assert "weights_only" not in err and not marker.exists()
     assert not (tmp_path / "out" / WEIGHTS).exists()
+    observed(f"exit {code}: {err}; marker created: {marker.exists()}")
 
 
-def test_export_with_no_valid_checkpoint_is_one_line(tmp_path, model, capsys):
+@pytest.mark.fault(
+    "Pretraining",
+    EXPORT,
+    injected="the only checkpoint's model file rewritten (zip, global io.open) with its manifest",
+)
+def test_export_with_no_valid_checkpoint_is_one_line(tmp_path, model, capsys, observed):
     run = _run(tmp_path, model)
     evil = run / "checkpoints" / "step_2" / MODEL_FILE
     torch.save({"x": _Marker(str(tmp_path / "pwned"))}, evil)
@@ -183,18 +217,29 @@ def test_export_with_no_valid_checkpoint_is_one_line(tmp_path, model, capsys):
         code, err = _export(run, tmp_path / "out", capsys, *extra)
         held = f"{io.open.__module__}.open"  # io.open up to Python 3.11, _io.open from 3.12
         assert code == 2 and len(err.splitlines()) == 1 and f"{evil}: holds {held}" in err, err
+        observed(f"{' '.join(('export', *extra))}: exit {code}: {err}")
 
 
-def test_export_refuses_nan_weights(tmp_path, model, capsys):
+@pytest.mark.fault(
+    "Pretraining", EXPORT, injected="one NaN in target_proj.weight of the checkpoint's model"
+)
+def test_export_refuses_nan_weights(tmp_path, model, capsys, observed):
     state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
     state["model.target_proj.weight"][0, 0] = float("nan")
     run = _run(tmp_path, model, files={MODEL_FILE: {"module": state}})
     code, err = _export(run, tmp_path / "out", capsys)
     assert code == 2 and "tensor target_proj.weight holds 1 NaN" in err, err
+    observed(f"exit {code}: {err}")
 
 
+@pytest.mark.fault(
+    "Pretraining",
+    "ENOSPC during `posebert export`",
+    injected="a second export into the same folder on a full disk (tests/diskfull.py)",
+)
 def test_export_on_a_full_disk_exits_74_and_keeps_the_previous_export(tmp_path, model, capsys,
-                                                                      monkeypatch):  # fmt: skip
+                                                                      monkeypatch,
+                                                                      observed):  # fmt: skip
     run, out = _run(tmp_path, model), tmp_path / "out"
     code, err = _export(run, out, capsys)
     assert code == 0, err
@@ -205,6 +250,8 @@ def test_export_on_a_full_disk_exits_74_and_keeps_the_previous_export(tmp_path, 
     assert code == 74 and len(err.splitlines()) == 1, err
     assert "No space left on device" in err and str(out / WEIGHTS) in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp file either
+    observed(f"exit {code}: {err}; folder {sorted(p.name for p in out.iterdir())}, unchanged: "
+             f"{ {p.name: p.read_bytes() for p in out.iterdir()} == before}")  # fmt: skip
     monkeypatch.undo()
     loaded = load_encoder(out)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -471,10 +471,17 @@ def test_same_window_off_keeps_the_samplers_draws():
         ({"temperature": float("nan")}, "temperature must be in (0, 10]"),
     ],
 )  # fmt: skip
-def test_bad_config_names_the_field(data, message):
+@pytest.mark.fault(
+    "Pretraining",
+    "objective config out of bounds: negatives.num 10^8, pose_threshold_mm inf or NaN, "
+    "diversity_weight inf, temperature NaN, unknown or inconsistent fields",
+    injected="ContrastiveConfig built from a dict holding each (16 kinds)",
+)
+def test_bad_config_names_the_field(data, message, observed):
     with pytest.raises(ConfigError) as info:
         from_dict(ContrastiveConfig, data)
     assert message in str(info.value) and "\n" not in str(info.value)
+    observed(f"{type(info.value).__name__}: {info.value}")
 
 
 def test_config_bounds_admit_their_limits():

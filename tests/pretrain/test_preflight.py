@@ -20,6 +20,13 @@ from pretrain.engine.launch import rank_env
 from pretrain.engine.preflight import PreflightError, check_data, check_world
 
 ROOT = Path(__file__).resolve().parents[2]
+AREA = "SLURM"  # of docs/reliability.md (tests/faultlog.py)
+WORLD = (
+    "a stale RANK/WORLD_SIZE from the submitting shell; srun tasks != nodes x tasks per node; a "
+    "multi-task job running `posebert pretrain` outside srun; more local ranks than GPUs"
+)
+DATA = "fewer training samples than ranks x loader workers x batch"
+HUNG = "rank 1 of 2 stuck inside a step (gloo, a short process-group timeout)"
 
 
 def _srun_env(procid: int, ntasks: int, nodes: int, per_node: int, **extra: str) -> dict:
@@ -49,28 +56,33 @@ def test_srun_job_matching_its_allocation():
     check_world(DistEnv.from_environ(env), env, cuda_devices=0)
 
 
-def test_stale_rank_variables_in_the_job_script():
+@pytest.mark.fault(AREA, WORLD, injected="RANK=0 WORLD_SIZE=1 beside srun's 4 tasks")
+def test_stale_rank_variables_in_the_job_script(observed):
     env = _srun_env(3, 4, 2, 2, RANK="0", WORLD_SIZE="1")
     with pytest.raises(
         PreflightError,
         match=r"world size 1 from RANK/WORLD_SIZE .* srun started "
         "4 task",
-    ):
+    ) as err:
         check_world(DistEnv.from_environ(env), env, cuda_devices=0)
+    observed(f"{type(err.value).__name__}: {err.value}")
 
 
-def test_srun_with_fewer_tasks_than_allocated():
+@pytest.mark.fault(AREA, WORLD, injected="srun starting 2 tasks in a job of 2 nodes x 2 tasks")
+def test_srun_with_fewer_tasks_than_allocated(observed):
     env = _srun_env(1, 2, 2, 2, SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_LOCALID="0")
     env["SLURM_NODEID"] = "1"
     with pytest.raises(
         PreflightError,
         match=r"srun started 2 task\(s\) but the job was "
         r"allocated 2 node\(s\) x 2 task\(s\) per node = 4",
-    ):
+    ) as err:
         check_world(DistEnv.from_environ(env), env, cuda_devices=0)
+    observed(f"{type(err.value).__name__}: {err.value}")
 
 
-def test_torchrun_under_srun_counts_local_processes():
+@pytest.mark.fault(AREA, WORLD, injected="torchrun under srun with WORLD_SIZE 6 for 2 tasks x 4")
+def test_torchrun_under_srun_counts_local_processes(observed):
     env = _srun_env(
         0,
         2,
@@ -84,23 +96,29 @@ def test_torchrun_under_srun_counts_local_processes():
     )
     check_world(DistEnv.from_environ(env), env, cuda_devices=0)
     env["WORLD_SIZE"] = "6"
-    with pytest.raises(PreflightError, match="2 task\\(s\\) x 4 local processes"):
+    with pytest.raises(PreflightError, match="2 task\\(s\\) x 4 local processes") as err:
         check_world(DistEnv.from_environ(env), env, cuda_devices=0)
+    observed(f"{type(err.value).__name__}: {err.value}")
 
 
-def test_multi_task_job_without_srun():
+@pytest.mark.fault(AREA, WORLD, injected="the batch step of a 4-task job, no srun")
+def test_multi_task_job_without_srun(observed):
     env = {"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "batch", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}
-    with pytest.raises(PreflightError, match="start one rank per task with srun"):
+    with pytest.raises(PreflightError, match="start one rank per task with srun") as err:
         check_world(DistEnv(), env, cuda_devices=0)
+    observed(f"{type(err.value).__name__}: {err.value}")
 
 
-def test_gpus():
+@pytest.mark.fault(AREA, WORLD, injected="4 ranks on a node with 2 GPUs; 2 ranks on 4 GPUs")
+def test_gpus(observed):
     env = _srun_env(1, 4, 1, 4)
-    with pytest.raises(PreflightError, match=r"4 ranks on this node but 2 GPU\(s\) visible"):
+    with pytest.raises(PreflightError, match=r"4 ranks on this node but 2 GPU\(s\) visible") as e:
         check_world(DistEnv.from_environ(env), env, cuda_devices=2)
+    observed(f"{type(e.value).__name__}: {e.value}")
     env = _srun_env(1, 2, 1, 2, SLURM_GPUS_ON_NODE="4")
-    with pytest.raises(PreflightError, match=r"4 GPU\(s\) allocated on this node but 2 rank"):
+    with pytest.raises(PreflightError, match=r"4 GPU\(s\) allocated on this node but 2 rank") as e:
         check_world(DistEnv.from_environ(env), env, cuda_devices=4)
+    observed(f"{type(e.value).__name__}: {e.value}")
 
 
 def _split(root: Path, counts: list[int]) -> Path:
@@ -113,7 +131,8 @@ def _split(root: Path, counts: list[int]) -> Path:
     return split
 
 
-def test_too_few_samples_names_the_numbers_and_the_fix(tmp_path):
+@pytest.mark.fault(AREA, DATA, injected="check_data of 12 samples for 2 ranks x 2 workers x 4")
+def test_too_few_samples_names_the_numbers_and_the_fix(tmp_path, observed):
     split = _split(tmp_path, [4, 4, 4])
     check_data(ReaderConfig(split, batch_size=4, num_workers=2), world_size=1)
     with pytest.raises(PreflightError) as e:
@@ -121,10 +140,13 @@ def test_too_few_samples_names_the_numbers_and_the_fix(tmp_path):
     msg = str(e.value)
     assert "12 samples in 3 shard(s)" in msg and "2 rank(s) x 2 loader worker(s) x batches of 4"
     assert "at least 16" in msg and "data.num_workers" in msg and "micro_batch_per_rank" in msg
+    observed(f"{type(e.value).__name__}: {msg}")
 
 
+@pytest.mark.fault(AREA, DATA, injected="13 samples for 4 layouts of ranks x workers x batch; "
+                   "preflight compared with the reader's plan")  # fmt: skip
 @pytest.mark.parametrize("world, workers, batch", [(2, 2, 4), (3, 1, 4), (2, 3, 2), (4, 0, 3)])
-def test_data_check_agrees_with_the_reader_plan(tmp_path, world, workers, batch):
+def test_data_check_agrees_with_the_reader_plan(tmp_path, world, workers, batch, observed):
     """One source of truth: preflight fails exactly when the reader's plan would."""
     split = _split(tmp_path, [5, 5, 3])
     plan = Plan(13, world, world - 1, batch, max(1, workers), True)
@@ -139,9 +161,13 @@ def test_data_check_agrees_with_the_reader_plan(tmp_path, world, workers, batch)
     except PreflightError:
         ok = False
     assert ok == reader_ok
+    observed(f"{world} ranks x {workers} workers x {batch}: preflight passes {ok}, reader plan "
+             f"passes {reader_ok}")  # fmt: skip
 
 
-def test_posebert_pretrain_stops_before_starting(tmp_path):
+@pytest.mark.fault(AREA, DATA, injected="`posebert pretrain` debug_cpu on a manifest of 3 "
+                   "samples and no tar file")  # fmt: skip
+def test_posebert_pretrain_stops_before_starting(tmp_path, observed):
     split = _split(tmp_path, [3])  # no tar files: preflight reads only the manifest
     p = subprocess.run(
         [
@@ -165,6 +191,8 @@ def test_posebert_pretrain_stops_before_starting(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "posebert pretrain: error: data: 3 samples in 1 shard(s)" in p.stderr
     assert not (tmp_path / "run").exists()
+    line = next(line for line in p.stderr.splitlines() if "error: data" in line)
+    observed(f"exit {p.returncode}: {line}; run folder created: {(tmp_path / 'run').exists()}")
 
 
 # ----------------------------------------------------------------------------- hang report
@@ -191,8 +219,10 @@ HANG = textwrap.dedent("""
 """)
 
 
+@pytest.mark.fault(AREA, HUNG, injected="rank 1 sleeps 120 s before or after its step-3 beat; "
+                   "4 s timeout")  # fmt: skip
 @pytest.mark.parametrize("where", ["before_beat", "after_beat"])
-def test_hung_rank_is_named_within_the_timeout(tmp_path, where):
+def test_hung_rank_is_named_within_the_timeout(tmp_path, where, observed):
     script = tmp_path / "hang.py"
     script.write_text(HANG)
     port, timeout = free_port(), 4
@@ -225,6 +255,8 @@ def test_hung_rank_is_named_within_the_timeout(tmp_path, where):
     expected = "rank 1 at 2" if where == "before_beat" else "rank 1 at 3"
     assert expected in report
     assert elapsed < 40
+    observed(f"rank 0 exit {procs[0].returncode} after {elapsed:.1f} s: "
+             f"{report.removeprefix('REPORT ')}")  # fmt: skip
 
 
 WRAPPER = textwrap.dedent("""
@@ -245,8 +277,10 @@ WRAPPER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.fault(AREA, HUNG, injected="`posebert pretrain` on 2 gloo ranks, rank 1 asleep in "
+                   "step 3's forward, dist_timeout_s 5")  # fmt: skip
 @pytest.mark.slow  # DeepSpeed start-up on 2 ranks (and a JIT op build on a fresh machine)
-def test_posebert_pretrain_names_the_hung_rank(tmp_path):
+def test_posebert_pretrain_names_the_hung_rank(tmp_path, observed):
     """The whole path: `posebert pretrain` debug_cpu on 2 gloo ranks, rank 1 stuck inside step
     3's forward; rank 0 logs the report line and exits 1 soon after the 5 s timeout."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -316,3 +350,5 @@ def test_posebert_pretrain_names_the_hung_rank(tmp_path):
             p.wait()
     assert procs[0].returncode == 1, out
     assert "rank 0: a collective timed out after 5 s at step 3: rank(s) 1 did not answer" in out
+    line = next(line for line in out.splitlines() if "timed out" in line)
+    observed(f"rank 0 exit {procs[0].returncode}: {line}")

@@ -15,6 +15,7 @@ import torch
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_cpu_losses.json"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+AREA = "Pretraining"  # of docs/reliability.md (tests/faultlog.py)
 
 
 def posebert(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -72,7 +73,10 @@ def test_golden_band_holds_every_kernel_setting_and_catches_a_change():
             check_golden(moved, golden)
 
 
-def test_print_config_and_bad_overrides(capsys):
+@pytest.mark.fault(AREA, "an unknown or invalid `--set` field, an unknown recipe",
+                   injected="`posebert pretrain` with --set model.encoder.dept=3, an unknown "
+                   "negatives kind, zero_stage 7, max_steps=many, --recipe nope")  # fmt: skip
+def test_print_config_and_bad_overrides(capsys, observed):
     from posebert.cli import main
 
     assert main(["pretrain", "--recipe", "debug_cpu", "--out", "x", "--print-config",
@@ -83,14 +87,22 @@ def test_print_config_and_bad_overrides(capsys):
                         ("objective.negatives.kind=random", "objective.negatives.kind"),
                         ("engine.zero_stage=7", "zero_stage"),
                         ("train.max_steps=many", "train.max_steps")]:  # fmt: skip
-        assert main(["pretrain", "--recipe", "debug_cpu", "--out", "x", "--set", bad]) == 2
+        code = main(["pretrain", "--recipe", "debug_cpu", "--out", "x", "--set", bad])
+        assert code == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
-    assert main(["pretrain", "--recipe", "nope", "--out", "x"]) == 2
-    assert "unknown recipe" in capsys.readouterr().err
+        observed(f"exit {code}: {err.strip()}")
+    code = main(["pretrain", "--recipe", "nope", "--out", "x"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe" in err
+    observed(f"exit {code}: {err.strip()}")
 
 
-def test_gt_pose_without_3d_labels_fails_at_start(tmp_path):
+@pytest.mark.fault(AREA, "`gt_pose` negatives on shards without 3D poses",
+                   injected="4 samples written with has.pose3d false; --set "
+                   "objective.negatives.kind=gt_pose")  # fmt: skip
+def test_gt_pose_without_3d_labels_fails_at_start(tmp_path, observed):
     from conftest import make_sample
 
     from data_shards.write import write_split
@@ -107,6 +119,9 @@ def test_gt_pose_without_3d_labels_fails_at_start(tmp_path):
     assert r.returncode != 0
     assert "needs 3D poses" in r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+    line = next(line for line in r.stderr.splitlines() if "needs 3D poses" in line)
+    observed(f"exit {r.returncode}: {line}; checkpoints written: "
+             f"{(tmp_path / 'run' / 'checkpoints').exists()}")  # fmt: skip
 
 
 def test_debug_cpu_matches_golden_curve_and_exports(shards, tmp_path):
@@ -168,10 +183,13 @@ def _checkpoints(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "checkpoints").glob("step_*"))
 
 
+@pytest.mark.fault(AREA, "SIGUSR1 or SIGTERM 0.5 s after `posebert pretrain` starts (still "
+                   "importing); SIGINT or SIGHUP mid-training", injected="Popen.send_signal to "
+                   "the debug_cpu run, then the same command run again")  # fmt: skip
 @pytest.mark.parametrize("signum, when", [("SIGUSR1", "importing"), ("SIGTERM", "importing"),
                                           ("SIGINT", "training"), ("SIGHUP", "training")])
-def test_a_preemption_signal_at_any_moment_checkpoints_and_asks_for_a_requeue(shards, tmp_path,
-                                                                              signum, when):
+def test_a_preemption_signal_at_any_moment_checkpoints_and_asks_for_a_requeue(
+        shards, tmp_path, signum, when, observed):  # fmt: skip
     """USR1/TERM while torch and DeepSpeed are still importing (they used to kill the process,
     138 / 143, with nothing saved), INT/HUP mid-training (they used to exit 130 / 129): every
     one ends in a checkpoint and exit 75, and the same command then finishes the run."""
@@ -195,13 +213,20 @@ def test_a_preemption_signal_at_any_moment_checkpoints_and_asks_for_a_requeue(sh
     assert p.returncode == 75, err[-2000:]
     assert _checkpoints(run) and f"preempted ({signum})" in err
     step = int(_checkpoints(run)[-1].removeprefix("step_"))
+    line = next(line for line in err.splitlines() if "preempted" in line)
+    observed(f"{signum} while {when}: exit {p.returncode}, {_checkpoints(run)}: {line}")
     r = posebert(*args[3:-1], f"train.max_steps={step + 2}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(losses(run)) == step + 2  # resumed where the signal stopped it
+    observed(f"rerun: exit {r.returncode}, {len(losses(run))} steps logged")
 
 
+@pytest.mark.fault(AREA, "SIGUSR1, then INT/TERM/HUP/USR1 every 3 ms while the checkpoint is "
+                   "written, until exit (1 process; --nproc-per-node 2)", injected="signals to "
+                   "the `posebert pretrain` process from when step_N.tmp appears")  # fmt: skip
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_a_burst_of_signals_while_saving_never_cuts_the_checkpoint(shards, tmp_path, nproc):
+def test_a_burst_of_signals_while_saving_never_cuts_the_checkpoint(shards, tmp_path, nproc,
+                                                                   observed):  # fmt: skip
     """SIGUSR1, then INT/TERM/HUP/USR1 every few ms from the moment the checkpoint's .tmp
     directory appears until the process exits (through ``--nproc-per-node 2``'s launcher too,
     which used to kill every rank on the second SIGINT, mid-save): the save completes, the run
@@ -249,7 +274,11 @@ def test_a_burst_of_signals_while_saving_never_cuts_the_checkpoint(shards, tmp_p
     assert during >= 2 and "Traceback" not in out and "preempted (SIGUSR1)" in out, out[-3000:]
     ref, problems = CheckpointManager(run).resolve()
     assert ref is not None and not problems and _checkpoints(run) == [ref.path.name]
+    observed(f"{during} signals during the save; exit {p.returncode}, checkpoints "
+             f"{_checkpoints(run)}, tracebacks {out.count('Traceback')}")  # fmt: skip
     r = posebert(*args[3:-1], f"train.max_steps={ref.step + 1}")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"resumed from {ref.path}" in r.stdout + r.stderr
     assert len(losses(run)) == ref.step + 1
+    line = next(line for line in (r.stdout + r.stderr).splitlines() if "resumed from" in line)
+    observed(f"rerun: exit {r.returncode}: {line}")

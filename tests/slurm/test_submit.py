@@ -28,6 +28,8 @@ from slurm import resources as rs
 from slurm import submit as sm
 
 CPU = dict(nodes=2, gpus_per_node=0, tasks_per_node=1, cpus_per_task=2, time="00:10:00")
+AREA = "SLURM"  # of docs/reliability.md (tests/faultlog.py)
+SBATCH = "`sbatch` missing from PATH or failing; the second job of a chain refused"
 
 
 def _stub(bin_dir: Path, name: str, body: str) -> Path:
@@ -253,7 +255,12 @@ def test_pipeline_dry_run_prints_every_job_and_writes_nothing(tmp_path, capsys, 
 # ----------------------------------------------------------------------------- submitting
 
 
-def test_pipeline_chains_afterok_and_records_ids(tools, tmp_path, capsys, monkeypatch):
+@pytest.mark.fault(
+    AREA,
+    "the pretraining job of a submitted pipeline fails",
+    injected="`posebert slurm pipeline` with a stub sbatch recording its arguments",
+)  # fmt: skip
+def test_pipeline_chains_afterok_and_records_ids(tools, tmp_path, capsys, monkeypatch, observed):
     monkeypatch.setattr(rs, "site_settings", lambda environ=None: _SITE)
     run = tmp_path / "run"
     code = posebert_slurm(
@@ -273,6 +280,7 @@ def test_pipeline_chains_afterok_and_records_ids(tools, tmp_path, capsys, monkey
     )
     assert code == 0
     argv = (tools / "sbatch.argv").read_text().splitlines()
+    observed("dependent jobs submitted with: " + " / ".join(a.rsplit(" ", 1)[0] for a in argv[1:]))
     assert argv == [
         f"{run}/slurm/pretrain.sbatch",
         f"--dependency=afterok:101 --kill-on-invalid-dep=yes {run}/slurm/evaluate.sbatch",
@@ -312,7 +320,9 @@ def test_pipeline_chains_afterok_and_records_ids(tools, tmp_path, capsys, monkey
     assert len(json.loads((run / "slurm_jobs.json").read_text())["jobs"]) == 4
 
 
-def test_sbatch_missing_or_failing_is_one_line(tools, tmp_path, monkeypatch):
+@pytest.mark.fault(AREA, SBATCH, injected="a stub sbatch exiting 1 with sbatch's error; then "
+                   "an empty PATH")  # fmt: skip
+def test_sbatch_missing_or_failing_is_one_line(tools, tmp_path, monkeypatch, observed):
     script = tmp_path / "x.sbatch"
     script.write_text("#!/bin/bash\n")
     _stub(
@@ -327,14 +337,17 @@ def test_sbatch_missing_or_failing_is_one_line(tools, tmp_path, monkeypatch):
         ValueError,
         match=r"^sbatch x.sbatch failed: sbatch: error: Batch job "
         "submission failed: Invalid partition name specified$",
-    ):
+    ) as failing:
         sm.sbatch(script)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="sbatch not found on PATH"):
+    with pytest.raises(ValueError, match="sbatch not found on PATH") as missing:
         sm.sbatch(script)
+    observed(str(failing.value))
+    observed(str(missing.value))
 
 
-def test_chain_failure_names_jobs_already_submitted(tools, tmp_path):
+@pytest.mark.fault(AREA, SBATCH, injected="a stub sbatch refusing any job with a dependency")
+def test_chain_failure_names_jobs_already_submitted(tools, tmp_path, observed):
     _stub(
         tools.parent / "bin",
         "sbatch",
@@ -350,8 +363,11 @@ def test_chain_failure_names_jobs_already_submitted(tools, tmp_path):
         rs.Resources(time="10"),
         rs.Resources(time="10"),
     )
-    with pytest.raises(ValueError, match=r"dependency problem \(already submitted: pretrain 7;"):
+    with pytest.raises(
+        ValueError, match=r"dependency problem \(already submitted: pretrain 7;"
+    ) as e:
         sm.submit_chain(pslurm.pipeline_jobs(spec), tmp_path / "run")
+    observed(str(e.value))
 
 
 def test_status_uses_scontrol_then_squeue(tools, tmp_path, capsys):
@@ -461,12 +477,19 @@ def _pretrain(tmp_path: Path, shards: Path | None = None) -> jobs.Job:
     )
 
 
+@pytest.mark.fault(
+    AREA,
+    "the pretraining batch script given exit 75, 3, 0, 138 or 143, with SLURM_RESTART_COUNT 0 or "
+    "at POSEBERT_MAX_RESTARTS",
+    injected="a stub posebert exiting with the code; stub srun and scontrol",
+)  # fmt: skip
 @pytest.mark.parametrize(
     "code, restarts, want_exit, requeued",
     [(75, "0", 0, True), (75, "3", 75, False), (3, "0", 3, False), (0, "0", 0, False),
      (138, "0", 0, True), (143, "0", 143, False)],  # fmt: skip
 )
-def test_pretrain_script_requeues_on_75(tmp_path, script_env, code, restarts, want_exit, requeued):
+def test_pretrain_script_requeues_on_75(tmp_path, script_env, code, restarts, want_exit, requeued,
+                                        observed):  # fmt: skip
     env, log = script_env
     env = {**env, "POSEBERT_STUB_EXIT": str(code), "SLURM_RESTART_COUNT": restarts}
     p = _run(_pretrain(tmp_path), tmp_path, env)
@@ -478,6 +501,9 @@ def test_pretrain_script_requeues_on_75(tmp_path, script_env, code, restarts, wa
         assert "POSEBERT_MAX_RESTARTS" in p.stderr
     if code == 138:  # SIGUSR1 before the rank's first line of Python: nothing to lose
         assert "ended by SIGUSR1 while starting" in p.stderr
+    said = p.stderr.strip().splitlines()
+    observed(f"posebert {code}, restarts {restarts}: exit {p.returncode}, requeued "
+             f"{'scontrol requeue 77' in calls}" + (f": {said[-1]}" if said else ""))  # fmt: skip
 
 
 def test_pretrain_script_finds_array_parts(tmp_path, script_env):
@@ -492,7 +518,12 @@ def test_pretrain_script_finds_array_parts(tmp_path, script_env):
     assert p.returncode == 2 and "no training split" in p.stderr
 
 
-def test_scancel_does_not_requeue(tmp_path, script_env):
+@pytest.mark.fault(
+    AREA,
+    "`scancel` (SIGTERM to the batch shell and the ranks)",
+    injected="os.killpg(SIGTERM) of the batch script while the stub rank waits",
+)  # fmt: skip
+def test_scancel_does_not_requeue(tmp_path, script_env, observed):
     """SIGTERM to the batch shell and the ranks (scancel): the ranks checkpoint and exit 75, the
     shell's trap notes it, and the job is not requeued."""
     env, log = script_env
@@ -517,6 +548,8 @@ def test_scancel_does_not_requeue(tmp_path, script_env):
         p.kill()
     assert p.returncode == 75, err
     assert "no requeue" in err and "scontrol" not in log.read_text()
+    line = next(line for line in err.splitlines() if "no requeue" in line)
+    observed(f"exit {p.returncode}, scontrol calls {log.read_text().count('scontrol')}: {line}")
 
 
 def test_shards_script_slices_inputs(tmp_path, script_env):
@@ -565,10 +598,17 @@ def test_pipeline_jobs_run_the_chain_stages(tmp_path, script_env):
     assert [s.ranks for s in chain.full(spec.chain)] == ["all", "one", "all", "one", "one"]
 
 
-def test_stages_script_stops_at_the_first_failure(tmp_path, script_env):
+@pytest.mark.fault(
+    AREA,
+    "a stage of a pipeline job fails",
+    injected="the evaluate job's stub posebert exiting 3 at its first stage (export)",
+)  # fmt: skip
+def test_stages_script_stops_at_the_first_failure(tmp_path, script_env, observed):
     env, log = script_env
     job = pslurm.pipeline_jobs(_chain_spec(tmp_path))[1]  # export, retrieval
     p = _run(job, tmp_path, {**env, "POSEBERT_STUB_EXIT": "3"})
     assert p.returncode == 3, p.stderr
     assert [line.split()[1] for line in log.read_text().splitlines()] == ["export"]
     assert "stage export failed; the stages after it do not run" in p.stderr
+    line = next(line for line in p.stderr.splitlines() if "stage export failed" in line)
+    observed(f"exit {p.returncode}, stages run {len(log.read_text().splitlines())}: {line}")

@@ -19,6 +19,9 @@ from finetune.evaluation.retrieval import RetrievalConfig, cached_index
 from finetune.evaluation.store import CacheKeyError, checksum_path, save_verified
 
 NPZ = "embeddings-l2norm.npz"
+AREA = "Evaluation"  # of docs/reliability.md (tests/faultlog.py)
+SWAPPED = ("cached embeddings swapped between two entries together with their checksums, or one "
+           "byte flipped")  # fmt: skip
 ACTIONS = ("walk", "run", "jump")
 
 
@@ -41,7 +44,9 @@ def _swap(a: Path, b: Path) -> None:
         tmp.rename(y)
 
 
-def test_swapped_cache_files_are_refused_naming_the_file(shards, tmp_path):
+@pytest.mark.fault(AREA, SWAPPED, injected="the 4x4 and 8x8 raw-pixel entries' files and "
+                   "checksums exchanged")  # fmt: skip
+def test_swapped_cache_files_are_refused_naming_the_file(shards, tmp_path, observed):
     split, cache = shards / "train", tmp_path / "cache"
     four, f4 = embed_split_cached(RawPixels(4), split, cache, progress=False)
     _, f8 = embed_split_cached(RawPixels(8), split, cache, progress=False)
@@ -53,21 +58,29 @@ def test_swapped_cache_files_are_refused_naming_the_file(shards, tmp_path):
     message = str(err.value)
     assert message.startswith(f"{f4 / NPZ}: holds key embeddings embedder=raw_pixels-8-v1")
     assert "moved or swapped" in message and "\n" not in message
+    observed(f"{type(err.value).__name__}: {message}")
     key = cache_key(RawPixels(8), split)
     assert Embeddings.load(f4 / NPZ).vectors.shape[1] == 3 * 8 * 8  # readable without a key
     with pytest.raises(CacheKeyError):
         Embeddings.load(f8 / NPZ, key)
 
 
-def test_cache_file_of_the_older_format_is_rebuilt(shards, tmp_path):
+@pytest.mark.fault(AREA, "a cache file of the older format (no key)",
+                   injected="the entry's file replaced by 3 rows saved without a key")  # fmt: skip
+def test_cache_file_of_the_older_format_is_rebuilt(shards, tmp_path, observed):
     split, cache = shards / "train", tmp_path / "cache"
     clean, folder = embed_split_cached(RawPixels(4), split, cache, progress=False)
     save_verified(folder / NPZ, clean.subset(np.arange(3)).to_bytes())  # no key, wrong rows
     rebuilt, _ = embed_split_cached(RawPixels(4), split, cache, progress=False)
     np.testing.assert_array_equal(rebuilt.vectors, clean.vectors)
+    observed(f"rebuilt: {len(rebuilt)} rows (the old file held 3), equal to a clean run: "
+             f"{np.array_equal(rebuilt.vectors, clean.vectors)}")  # fmt: skip
 
 
-def test_index_from_another_cache_entry_is_refused(tmp_path):
+@pytest.mark.fault(AREA, "a FAISS index copied from another cache entry",
+                   injected="entry A's index and checksum copied into entry B's "
+                   "folder")  # fmt: skip
+def test_index_from_another_cache_entry_is_refused(tmp_path, observed):
     rng = np.random.default_rng(0)
     gallery = Embeddings(
         vectors=rng.normal(size=(20, 4)).astype(np.float32),
@@ -82,8 +95,9 @@ def test_index_from_another_cache_entry_is_refused(tmp_path):
     b.mkdir()
     for p in a.iterdir():
         shutil.copy(p, b / p.name)
-    with pytest.raises(CacheKeyError, match="index-flat-l2.faiss: holds key index gallery A"):
+    with pytest.raises(CacheKeyError, match="index-flat-l2.faiss: holds key index gallery A") as e:
         cached_index(gallery, b, cfg, key="gallery B")
+    observed(f"{type(e.value).__name__}: {e.value}")
 
 
 # ------------------------------------------------------------------- posebert evaluate
@@ -108,8 +122,11 @@ def _evaluate(encoder: Path, shards: Path, out: Path, capsys, *extra: str) -> tu
     return code, capsys.readouterr().err.strip()
 
 
+@pytest.mark.fault(AREA, SWAPPED, injected="`posebert evaluate retrieval` after the model's and "
+                   "the random-init row's cached galleries were swapped, then after a "
+                   "flip")  # fmt: skip
 def test_evaluate_refuses_swapped_or_tampered_cache_in_one_line(encoder, shards, tmp_path,
-                                                                capsys):  # fmt: skip
+                                                                capsys, observed):  # fmt: skip
     """The model's and the random-init row's cached gallery swapped (both verify): the model
     row used to be computed from the random-init rows, silently. A flipped byte used to be a
     ChecksumError traceback."""
@@ -126,16 +143,21 @@ def test_evaluate_refuses_swapped_or_tampered_cache_in_one_line(encoder, shards,
     code, err = _evaluate(encoder, shards, out, capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"posebert evaluate: error: {model}: holds key") and "swapped" in err
+    observed(f"swapped: exit {code}: {err}")
     _swap(model, random_init)
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0x01
     model.write_bytes(bytes(data))
     code, err = _evaluate(encoder, shards, out, capsys)
     assert code == 2 and len(err.splitlines()) == 1 and f"{model}: sha256" in err, err
+    observed(f"flipped: exit {code}: {err}")
 
 
+@pytest.mark.fault(AREA, "ENOSPC during `posebert evaluate`",
+                   injected="a second evaluation with a new --cache on a full disk "
+                   "(tests/diskfull.py)")  # fmt: skip
 def test_evaluate_on_a_full_disk_exits_74_and_keeps_earlier_results(
-    encoder, shards, tmp_path, capsys, monkeypatch
+    encoder, shards, tmp_path, capsys, monkeypatch, observed
 ):
     out = tmp_path / "out"
     code, err = _evaluate(encoder, shards, out, capsys)
@@ -147,3 +169,4 @@ def test_evaluate_on_a_full_disk_exits_74_and_keeps_earlier_results(
     assert "No space left on device" in err and str(out / "cache2") in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temp file left behind
+    observed(f"exit {code}: {err}; temp files left {len([p for p in out.rglob('*.tmp*')])}")

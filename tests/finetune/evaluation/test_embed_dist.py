@@ -26,6 +26,8 @@ from finetune.evaluation.embed import (
 ROOT = Path(__file__).resolve().parents[2]
 V, T = 2, 4
 ACTIONS = ["walk", "run", "jump", "walk", "run", "jump", "sit"]  # 7 samples: uneven ranks
+AREA = "Evaluation cache: SIGKILL and several ranks"  # of docs/reliability.md
+RANKS = "a split embedded by several ranks (gloo, or meeting in the cache folder)"
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,9 @@ dist.shutdown()
 """
 
 
-def test_two_gloo_ranks_equal_one_process(split, tmp_path):
+@pytest.mark.fault(AREA, RANKS, injected="2 gloo ranks under launch_local: the cached path "
+                   "(parts in the folder) and the all_gather path")  # fmt: skip
+def test_two_gloo_ranks_equal_one_process(split, tmp_path, observed):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     prog = ("import sys\nfrom pretrain.engine.launch import launch_local\n"
@@ -95,9 +99,14 @@ def test_two_gloo_ranks_equal_one_process(split, tmp_path):
     cached, again = embed_split_cached(RawPixels(4), split, tmp_path / "cache", progress=False)
     assert again == folder  # one process reads the file the two ranks wrote
     assert_same_rows(cached, pixels)
+    diff = float(np.abs(cached.vectors - pixels.vectors).max())
+    observed(f"exit {p.returncode}; {len(cached)} rows, largest difference to one process {diff}; "
+             f"parts left {len(list((folder / 'parts').glob('*')))}")  # fmt: skip
 
 
-def test_ranks_meet_in_the_cache_folder_without_a_process_group(split, tmp_path):
+@pytest.mark.fault(AREA, RANKS, injected="3 ranks as threads with explicit rank/world_size "
+                   "and no torch.distributed")  # fmt: skip
+def test_ranks_meet_in_the_cache_folder_without_a_process_group(split, tmp_path, observed):
     """Explicit rank/world_size and no torch.distributed: the parts meet as files."""
     out: dict[int, Embeddings] = {}
 
@@ -114,11 +123,16 @@ def test_ranks_meet_in_the_cache_folder_without_a_process_group(split, tmp_path)
     assert sorted(out) == [0, 1, 2]
     for emb in out.values():
         assert_same_rows(emb, single)
-    with pytest.raises(ValueError, match="embed_split_cached"):
+    with pytest.raises(ValueError, match="embed_split_cached") as err:
         embed_split(RawPixels(4), split, rank=1, world_size=2)
+    diff = max(float(np.abs(e.vectors - single.vectors).max()) for e in out.values())
+    observed(f"ranks {sorted(out)}: {[len(e) for e in out.values()]} rows each, largest "
+             f"difference to one process {diff}; embed_split with a rank: {err.value}")  # fmt: skip
 
 
-def test_parts_merge_by_manifest_position_not_arrival(split):
+@pytest.mark.fault(AREA, RANKS, injected="3 rank parts merged in reverse order and with "
+                   "repeats")  # fmt: skip
+def test_parts_merge_by_manifest_position_not_arrival(split, observed):
     parts = [embed_split_part(RawPixels(4), split, r, 3, batch_size=2, progress=False)
              for r in range(3)]  # fmt: skip
     assert [len(s) for _, s in parts] == [3, 2, 2]
@@ -126,22 +140,34 @@ def test_parts_merge_by_manifest_position_not_arrival(split):
     assert_same_rows(merge_parts(parts[::-1]), single)  # arrival order does not matter
     assert_same_rows(merge_parts([parts[0], *parts, parts[1]]), single)  # repeats kept once
     assert list(dict.fromkeys(single.keys)) == [f"{a}-w{i}" for i, a in enumerate(ACTIONS)]
+    merged = merge_parts(parts[::-1])
+    in_order = list(merged.keys) == list(single.keys)
+    observed(f"parts of {[len(s) for _, s in parts]} samples merged in reverse: {len(merged)} "
+             f"rows, keys in the manifest's order: {in_order}")  # fmt: skip
 
 
-def test_encoder_parts_equal_one_process(split):
+@pytest.mark.fault(AREA, RANKS, injected="a PoseBERT's rows embedded as 2 rank shares in "
+                   "batches of 2 vs one process in batches of 3")  # fmt: skip
+def test_encoder_parts_equal_one_process(split, observed):
     """A PoseBERT's rows, embedded as 2 rank shares (batches of 2) vs one process (of 3)."""
     model = _model()
     parts = [embed_split_part(model, split, r, 2, batch_size=2, progress=False) for r in (0, 1)]
     single = embed_split(model, split, batch_size=3, progress=False)
     # other batch sizes: the encoder's float sums may round differently in the last bit
     assert_same_rows(merge_parts(parts), single, atol=1e-5)
+    diff = float(np.abs(merge_parts(parts).vectors - single.vectors).max())
+    observed(f"{len(single)} rows; largest difference to one process {diff:.1e}")
 
 
-def test_loader_workers_keep_manifest_order(split):
+@pytest.mark.fault(AREA, "2 loader workers (batches arrive round robin)",
+                   injected="embed_split with num_workers=2 vs 0")  # fmt: skip
+def test_loader_workers_keep_manifest_order(split, observed):
     """With 2 loader workers batches arrive round robin; rows still follow the manifest."""
     plain = embed_split(RawPixels(4), split, batch_size=2, progress=False)
     workers = embed_split(RawPixels(4), split, batch_size=2, num_workers=2, progress=False)
     assert_same_rows(workers, plain)
+    observed(f"{len(workers)} rows, keys in the same order: "
+             f"{list(workers.keys) == list(plain.keys)}")  # fmt: skip
 
 
 def _ranks_in_threads(split, cache, world: int, timeout_s: float = 60) -> dict:
@@ -163,7 +189,11 @@ def _ranks_in_threads(split, cache, world: int, timeout_s: float = 60) -> dict:
     return out
 
 
-def test_parts_of_an_interrupted_run_are_reused_or_rebuilt(split, tmp_path, monkeypatch):
+@pytest.mark.fault(AREA, "rank 0 dies after every rank wrote its part; then its part is found "
+                   "cut to 100 bytes without a checksum", injected="merge_parts raises "
+                   "KeyboardInterrupt on rank 0 (2 s timeout); rank 0's part cut, its .sha256 "
+                   "removed")  # fmt: skip
+def test_parts_of_an_interrupted_run_are_reused_or_rebuilt(split, tmp_path, monkeypatch, observed):
     import finetune.evaluation.cache as cache_mod
 
     real = cache_mod.merge_parts
@@ -173,6 +203,8 @@ def test_parts_of_an_interrupted_run_are_reused_or_rebuilt(split, tmp_path, monk
 
     monkeypatch.setattr(cache_mod, "merge_parts", rank0_dies)
     first = _ranks_in_threads(split, tmp_path, 2, timeout_s=2)
+    observed(f"first run: rank 0 {type(first[0]).__name__}, rank 1 {type(first[1]).__name__}: "
+             f"{first[1]}")  # fmt: skip
     assert isinstance(first[0], KeyboardInterrupt) and isinstance(first[1], TimeoutError)
     monkeypatch.setattr(cache_mod, "merge_parts", real)
     (parts_dir,) = tmp_path.glob("*/parts")
@@ -184,10 +216,15 @@ def test_parts_of_an_interrupted_run_are_reused_or_rebuilt(split, tmp_path, monk
     for emb in again.values():
         assert_same_rows(emb, single)
     assert not list(parts_dir.glob("*"))
+    diff = max(float(np.abs(e.vectors - single.vectors).max()) for e in again.values())
+    observed(f"rerun: {[len(e) for e in again.values()]} rows per rank, largest difference to "
+             f"one process {diff}; parts left {len(list(parts_dir.glob('*')))}")  # fmt: skip
 
 
+@pytest.mark.fault(AREA, RANKS, injected="`run_retrieval` on 2 ranks under launch_local vs "
+                   "one process")  # fmt: skip
 @pytest.mark.slow  # 2 ranks + 1 process, each importing the backbone libraries: ~60 s
-def test_retrieval_under_two_ranks_equals_one_process(tmp_path):
+def test_retrieval_under_two_ranks_equals_one_process(tmp_path, observed):
     import json
 
     from safetensors.torch import save_file
@@ -220,3 +257,5 @@ def test_retrieval_under_two_ranks_equals_one_process(tmp_path):
     assert two["rows"]["model"]["mpjpe"] == pytest.approx(one["rows"]["model"]["mpjpe"])
     assert two["rows"]["raw pixels 16x16"] == one["rows"]["raw pixels 16x16"]
     assert two["rows"]["oracle"] == one["rows"]["oracle"]
+    observed(f"model MPJPE on 2 ranks {two['rows']['model']['mpjpe']}, on one process "
+             f"{one['rows']['model']['mpjpe']}")  # fmt: skip

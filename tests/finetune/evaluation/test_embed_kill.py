@@ -28,6 +28,7 @@ from finetune.evaluation.embed import Embeddings
 from finetune.evaluation.store import is_complete, open_verified
 
 ROOT = Path(__file__).resolve().parents[2]
+AREA = "Evaluation cache: SIGKILL and several ranks"  # of docs/reliability.md
 
 WIDE = '''
 import torch
@@ -127,8 +128,14 @@ def clean(split, tmp_path_factory):
 STEPS = [(2, 5, 6), pytest.param((1, 3, 4, 7, 12), marks=pytest.mark.slow)]
 
 
+@pytest.mark.fault(
+    AREA,
+    "SIGKILL just before a durable step of the cache write (fsync or rename of the data file, of "
+    "its .sha256, of info.json)",
+    injected="the child SIGKILLs itself at its n-th os.fsync / os.replace call",
+)  # fmt: skip
 @pytest.mark.parametrize("steps", STEPS)
-def test_sigkill_at_each_step_of_the_cache_write(split, clean, tmp_path, steps):
+def test_sigkill_at_each_step_of_the_cache_write(split, clean, tmp_path, steps, observed):
     children = {n: _child(tmp_path, "hook", split, tmp_path / f"cache{n}", n) for n in steps}
     for p in children.values():  # all at once: the cost is the children's imports
         p.communicate(timeout=120)
@@ -137,10 +144,16 @@ def test_sigkill_at_each_step_of_the_cache_write(split, clean, tmp_path, steps):
         complete = _check_after_kill(tmp_path / f"cache{n}", clean)
         assert complete == (n > 5), n  # the checksum's rename is step 5: durable from step 6
         _rerun_equals_clean(split, tmp_path / f"cache{n}", clean)
+        observed(f"killed before step {n}: exit {p.returncode}, a verified file left: {complete}")
 
 
+@pytest.mark.fault(
+    AREA,
+    "SIGKILL at 6 seeded random moments within 1.2x an uninterrupted embed and write",
+    injected="os.kill(child, SIGKILL) after a delay drawn with seed 0, on the same cache folder",
+)  # fmt: skip
 @pytest.mark.slow  # 7 child processes one after the other: ~30 s on 2 cores
-def test_sigkill_at_random_moments_then_rerun(split, clean, tmp_path):
+def test_sigkill_at_random_moments_then_rerun(split, clean, tmp_path, observed):
     cache = tmp_path / "cache"
     p = _child(tmp_path, "time", split, tmp_path / "timing")
     out, _ = p.communicate(timeout=60)
@@ -159,3 +172,4 @@ def test_sigkill_at_random_moments_then_rerun(split, clean, tmp_path):
                 f.unlink()
     print("delay s, return code, complete file after the kill:", outcomes)
     _rerun_equals_clean(split, cache, clean)
+    observed(f"(delay s, exit, verified file left): {outcomes}")

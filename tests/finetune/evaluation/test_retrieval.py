@@ -17,6 +17,7 @@ from finetune.evaluation.retrieval import RetrievalConfig, build_index, search
 from finetune.evaluation.store import ChecksumError
 
 V, T = 2, 4
+AREA = "Evaluation"  # of docs/reliability.md (tests/faultlog.py)
 
 
 def _rotation(angle: float) -> np.ndarray:
@@ -159,7 +160,10 @@ def test_exclude_same_clip_and_cross_view():
                 assert (emb.cameras[nb] != emb.cameras[:, None]).all()
 
 
-def test_tampered_index_refused_before_reading(tmp_path, monkeypatch):
+@pytest.mark.fault(AREA, "one flipped bit in a cached FAISS index",
+                   injected="a bit of index-flat-l2.faiss flipped; FAISS parsing it fails the "
+                   "test")  # fmt: skip
+def test_tampered_index_refused_before_reading(tmp_path, monkeypatch, observed):
     gallery = _synthetic(50, seed=8)
     cfg = RetrievalConfig(gpu=False)
     index = rt.cached_index(gallery, tmp_path, cfg)
@@ -174,13 +178,18 @@ def test_tampered_index_refused_before_reading(tmp_path, monkeypatch):
         raise AssertionError("FAISS parsed a file whose checksum does not match")
 
     monkeypatch.setattr(rt.faiss, "deserialize_index", must_not_parse)
-    with pytest.raises(ChecksumError, match="does not match"):
+    with pytest.raises(ChecksumError, match="does not match") as cached:
         rt.cached_index(gallery, tmp_path, cfg)
-    with pytest.raises(ChecksumError):
+    with pytest.raises(ChecksumError) as loaded:
         rt.load_index(path)
+    observed(f"cached_index: {type(cached.value).__name__}: {cached.value}")
+    observed(f"load_index: {type(loaded.value).__name__}: {loaded.value}")
 
 
-def test_rerun_after_kill_is_idempotent(split, tmp_path, monkeypatch):
+@pytest.mark.fault(AREA, "a run interrupted after a cache file was written but before its "
+                   "checksum, plus a stale temp file", injected="KeyboardInterrupt raised in "
+                   "place of writing the .sha256; half a file left as a .tmp")  # fmt: skip
+def test_rerun_after_kill_is_idempotent(split, tmp_path, monkeypatch, observed):
     split_dir = split[0]
     clean, _ = embed_split_cached(RawPixels(4), split_dir, tmp_path / "clean", progress=False)
     real_write, calls = store_mod.atomic_write_bytes, []
@@ -209,6 +218,9 @@ def test_rerun_after_kill_is_idempotent(split, tmp_path, monkeypatch):
     a = rt.cached_index(first, folder, cfg)
     b = rt.cached_index(first, folder, cfg)
     assert a.ntotal == b.ntotal == len(first)
+    same = all(np.array_equal(e.vectors, clean.vectors) for e in (first, second))
+    observed(f"writes before the kill {calls}; rerun and rerun again equal to a clean run: "
+             f"{same}; files {sorted(p.name for p in folder.iterdir())}")  # fmt: skip
 
 
 def test_cache_key_follows_encoder_and_split(split, tmp_path):

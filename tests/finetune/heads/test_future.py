@@ -23,6 +23,8 @@ from pretrain.engine.schedules import LRSchedule
 
 FPS = 50.0
 T = 16  # frames per shard window (stride T / 2, as synth writes them)
+AREA = "Fine-tuning heads and the demo"  # of docs/reliability.md (tests/faultlog.py)
+SHORT = "held-out clips too short for the shortest horizon; train clips too short for a window"
 
 
 def moving_clip(frames: int, phase: float = 0.0) -> np.ndarray:
@@ -235,36 +237,53 @@ def test_cached_forecast_matches_recomputing_from_scratch():
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_clips_too_short_for_any_horizon():
+@pytest.mark.fault(AREA, SHORT, injected="a 12-frame held-out clip evaluated at 80-320 ms")
+def test_clips_too_short_for_any_horizon(observed):
     cfg = quick()
-    with pytest.raises(ValueError, match="shortest horizon"):
+    with pytest.raises(ValueError, match="shortest horizon") as err:
         fut.evaluate(small_model(cfg), [Clip("val", "c", 0, moving_clip(12))], cfg, FPS)
+    observed(str(err.value))
 
 
-def test_train_clips_too_short(shards, tmp_path):
-    with pytest.raises(ValueError, match="training window"):
+@pytest.mark.fault(AREA, SHORT, injected="a 1200 ms horizon for 64-frame train clips at 50 fps")
+def test_train_clips_too_short(shards, tmp_path, observed):
+    with pytest.raises(ValueError, match="training window") as err:
         fut.run_future(shards, tmp_path, quick(horizons_ms=(80, 1200)), progress=False)
+    observed(str(err.value))
 
 
-def test_empty_and_missing_splits(shards, tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "an empty split; an eval split that does not exist (`finetune future`)",
+    injected="a manifest with no shards; eval_splits=('dev',)",
+)
+def test_empty_and_missing_splits(shards, tmp_path, observed):
     (tmp_path / "val").mkdir()
     Manifest("val", [], views=1, frames=T, image_size=(8, 8), fps=FPS, has={}).save(
         tmp_path / "val"
     )
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="empty") as empty:
         read_motion(tmp_path / "val", "val")
-    with pytest.raises(ValueError, match="no 'dev' split"):
+    with pytest.raises(ValueError, match="no 'dev' split") as missing:
         fut.run_future(shards, tmp_path, quick(eval_splits=("dev",)), progress=False)
+    observed(str(empty.value))
+    observed(str(missing.value))
 
 
-def test_wrong_joint_count_is_one_clear_error(tmp_path, monkeypatch):
+@pytest.mark.fault(
+    AREA,
+    "shards whose pose3d has 16 joints (a writer that does not validate)",
+    injected="one sample with 16 joints written with schema.validate switched off",
+)
+def test_wrong_joint_count_is_one_clear_error(tmp_path, monkeypatch, observed):
     sample = clip_samples("c", moving_clip(16))[0]
     sample.pose3d = sample.pose3d[:, :16]
     with monkeypatch.context() as m:  # a writer that does not validate
         m.setattr(schema, "validate", lambda s: None)
         write_split(tmp_path, "val", [sample], {}, {})
-    with pytest.raises(ValueError, match=r"split 'val'.*pose3d.*\(16, 16, 3\)"):
+    with pytest.raises(ValueError, match=r"split 'val'.*pose3d.*\(16, 16, 3\)") as err:
         read_motion(tmp_path / "val", "val")
+    observed(str(err.value))
 
 
 # ----------------------------------------------------------------------------- end to end

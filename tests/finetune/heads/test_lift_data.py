@@ -13,6 +13,8 @@ from finetune.evaluation.metrics import score_sequences
 from finetune.heads.lift import base
 from finetune.heads.lift.data import corrupt_2d, denormalize_2d, normalize_2d, root_relative_m
 
+AREA = "Lifting heads and the ablation"  # of docs/reliability.md (tests/faultlog.py)
+
 
 def test_sequences_tile_the_windows_once_per_frame_and_camera(lift_shards):
     splits = read_splits(lift_shards)
@@ -37,11 +39,18 @@ def test_labels_agree_the_3d_projects_onto_the_2d(lift_shards):
     assert (s.pose3d[..., 2] > 1000).all()  # camera coordinates: the body is metres away
 
 
-def test_missing_splits_are_named(tmp_path, lift_shards):
-    with pytest.raises(ValueError, match="no split directory"):
+@pytest.mark.fault(
+    AREA,
+    "`finetune lift` on a root without splits, or with train only",
+    injected="read_splits of an empty folder, and of the shards asked for train alone",
+)
+def test_missing_splits_are_named(tmp_path, lift_shards, observed):
+    with pytest.raises(ValueError, match="no split directory") as none:
         read_splits(tmp_path)
-    with pytest.raises(ValueError, match="no held-out split"):
+    with pytest.raises(ValueError, match="no held-out split") as train_only:
         read_splits(lift_shards, names=("train",))
+    observed(str(none.value))
+    observed(str(train_only.value))
 
 
 def test_normalisation_round_trip_and_range():
@@ -105,9 +114,11 @@ def test_config_refuses_bad_values(field, value):
         apply_overrides(base.LiftConfig(), ["optim.lr=0"])
 
 
-def test_unknown_method_is_one_line():
-    with pytest.raises(ValueError, match="unknown lifting method 'x'; choose from tcn"):
+@pytest.mark.fault(AREA, "an unknown lifting `--method`", injected="get_method('x')")
+def test_unknown_method_is_one_line(observed):
+    with pytest.raises(ValueError, match="unknown lifting method 'x'; choose from tcn") as err:
         base.get_method("x")
+    observed(str(err.value))
 
 
 def test_score_by_hand(lift_shards):
@@ -126,7 +137,12 @@ def test_score_by_hand(lift_shards):
     assert set(scores["per_action"]) == set(actions)
 
 
-def test_samples_without_2d_or_cameras_are_named(tmp_path):
+@pytest.mark.fault(
+    AREA,
+    "shards without 2D keypoints",
+    injected="a sample written with pose2d None and has.pose2d false",
+)
+def test_samples_without_2d_or_cameras_are_named(tmp_path, observed):
     from conftest import make_sample
 
     from data_shards.write import write_split
@@ -134,5 +150,8 @@ def test_samples_without_2d_or_cameras_are_named(tmp_path):
     sample = make_sample(key="c-w000", views=1, frames=4, size=(8, 8))
     sample.pose2d, sample.meta.has["pose2d"] = None, False
     write_split(tmp_path, "train", [sample], {}, {})
-    with pytest.raises(ValueError, match="samples carry no pose2d; lifting needs 2D keypoints"):
+    with pytest.raises(
+        ValueError, match="samples carry no pose2d; lifting needs 2D keypoints"
+    ) as err:
         read_sequences(tmp_path / "train", "train")
+    observed(str(err.value))

@@ -112,14 +112,22 @@ def test_the_image_head_says_its_input_is_the_frames():
     assert "det2d" in run.describe_input(run.get_method("tcn"), ["detected"])
 
 
+@pytest.mark.fault(
+    "Lifting heads and the ablation",
+    "`finetune lift --input detected` on shards without detected keypoints (det2d)",
+    injected="the command run on synthetic shards that never went through `shards detect`",
+)
 def test_shards_without_det2d_are_refused_in_one_line_naming_the_fix(lift_shards, tmp_path,
-                                                                      capsys):  # fmt: skip
+                                                                      capsys,
+                                                                      observed):  # fmt: skip
     args = ["finetune", "lift", "--method", "tcn", "--shards", str(lift_shards), "--out",
             str(tmp_path / "out"), "--input", "detected"]  # fmt: skip
-    assert main(args) == 2
+    code = main(args)
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"run `posebert shards detect {lift_shards}`" in err
     assert not (tmp_path / "out").exists()
+    observed(f"exit {code}: {err}; output created: {(tmp_path / 'out').exists()}")
 
 
 def test_real_detections_end_to_end(mediapipe, lift_shards, tmp_path, capsys):

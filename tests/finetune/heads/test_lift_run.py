@@ -26,9 +26,15 @@ from posebert.cli import main
 from pretrain.engine.metrics import read_metrics
 
 QUICK = ["--set", "steps=15", "--set", "channels=16", "--set", "batch_size=32"]
+AREA = "Lifting heads and the ablation"  # of docs/reliability.md (tests/faultlog.py)
 
 
-def test_cli_trains_scores_saves_and_continues(lift_shards, tmp_path, capsys):
+@pytest.mark.fault(
+    AREA,
+    "`finetune lift` run again on its output folder, with more rows, then with a changed config",
+    injected="the same command with --rows rf1,rf27, then with --set steps=16",
+)
+def test_cli_trains_scores_saves_and_continues(lift_shards, tmp_path, capsys, observed):
     out = tmp_path / "tcn"
     args = ["finetune", "lift", "--method", "tcn", "--shards", str(lift_shards), "--out",
             str(out), "--rows", "rf1", *QUICK]  # fmt: skip
@@ -55,10 +61,15 @@ def test_cli_trains_scores_saves_and_continues(lift_shards, tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--rows", "rf1,rf27"]) == 0  # rf1 kept, rf27 trained
     printed = capsys.readouterr().out
+    observed(" / ".join(line.strip() for line in printed.splitlines() if "rf1:" in line
+                        or "rf27:" in line))  # fmt: skip
     assert "rf1: done already" in printed and "rf27: training" in printed
     assert set(json.loads((out / "lift.json").read_text())["rows"]) == {"rf1", "rf27"}
     assert main([*args, "--set", "steps=16"]) == 0  # a changed config trains the row again
-    assert "rf1: training" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    observed("changed config: " + " / ".join(line.strip() for line in printed.splitlines()
+                                              if "rf1:" in line))  # fmt: skip
+    assert "rf1: training" in printed
     assert [r["step"] for r in read_metrics(out / "rows" / "rf1" / "metrics.jsonl")] == [0, 15]
 
 
@@ -70,11 +81,18 @@ def test_every_row_of_every_method_is_a_valid_config_and_a_valid_rows_name(name)
         method.config(**changes)
 
 
-def test_rows_and_fields_are_checked_before_reading(tmp_path):
-    with pytest.raises(ValueError, match="unknown row.*'nope'.*choose from rf1"):
+@pytest.mark.fault(
+    AREA,
+    "an unknown `--rows` name or `--set` field for `finetune lift`",
+    injected="run_lift on an empty folder with rows='nope', then with wobble=1",
+)
+def test_rows_and_fields_are_checked_before_reading(tmp_path, observed):
+    with pytest.raises(ValueError, match="unknown row.*'nope'.*choose from rf1") as rows:
         run.run_lift("tcn", tmp_path, tmp_path / "o", rows="nope")
-    with pytest.raises(ValueError, match="wobble: unknown field"):
+    with pytest.raises(ValueError, match="wobble: unknown field") as field:
         run.run_lift("tcn", tmp_path, tmp_path / "o", overrides=["wobble=1"])
+    observed(str(rows.value))
+    observed(str(field.value))
 
 
 def _diverging_fit(data: LiftData, config: LiftConfig, log: FitLog):
@@ -85,12 +103,18 @@ def _diverging_fit(data: LiftData, config: LiftConfig, log: FitLog):
     raise AssertionError("the loop should have refused the NaN")
 
 
-def test_a_diverged_row_is_refused_and_nothing_saved(lift_shards, tmp_path, monkeypatch):
+@pytest.mark.fault(
+    AREA,
+    "a lifting row whose loss turns NaN",
+    injected="a fake method whose loss is multiplied by NaN at step 2, through the shared loop",
+)
+def test_a_diverged_row_is_refused_and_nothing_saved(lift_shards, tmp_path, monkeypatch, observed):
     method = LiftMethod("fake", LiftConfig, {"only": {}}, _diverging_fit, restore=None)
     monkeypatch.setattr(run, "get_method", lambda name: method)
-    with pytest.raises(ValueError, match="row 'only': non-finite loss at step 2"):
+    with pytest.raises(ValueError, match="row 'only': non-finite loss at step 2") as err:
         run.run_lift("fake", lift_shards, tmp_path / "o")
     assert not (tmp_path / "o" / "rows" / "only.json").exists()
+    observed(f"{err.value}; row saved: {(tmp_path / 'o' / 'rows' / 'only.json').exists()}")
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)

@@ -191,7 +191,13 @@ class _Payload:
         return (_side_effect, ())
 
 
-def test_a_file_holding_code_is_refused_in_one_line(tmp_path):
+@pytest.mark.fault(
+    "Lifting heads and the ablation",
+    "`load_videopose3d` on a pickle carrying code, a checkpoint without model_pos, a missing file",
+    injected="torch.save of a state with an object whose __reduce__ writes a marker file; a "
+    "file of {'epoch': 1}; a path that does not exist",
+)
+def test_a_file_holding_code_is_refused_in_one_line(tmp_path, observed):
     _MARK.unlink(missing_ok=True)
     path = tmp_path / "evil.bin"
     torch.save({"model_pos": _videopose3d_state_dict((3,), 8), "extra": _Payload()}, path)
@@ -199,11 +205,14 @@ def test_a_file_holding_code_is_refused_in_one_line(tmp_path):
         load_videopose3d(path)
     assert "\n" not in str(err.value) and "not a plain VideoPose3D checkpoint" in str(err.value)
     assert not _MARK.exists()
+    observed(f"{err.value}; marker created: {_MARK.exists()}")
     torch.save({"epoch": 1}, tmp_path / "empty.bin")
-    with pytest.raises(ValueError, match="no 'model_pos'"):
+    with pytest.raises(ValueError, match="no 'model_pos'") as err:
         load_videopose3d(tmp_path / "empty.bin")
-    with pytest.raises(ValueError, match="no such checkpoint file"):
+    observed(str(err.value))
+    with pytest.raises(ValueError, match="no such checkpoint file") as err:
         load_videopose3d(tmp_path / "missing.bin")
+    observed(str(err.value))
 
 
 def _huge_stride0(sd: dict) -> dict:
@@ -245,8 +254,15 @@ def _blocks(n: int) -> dict:
                            "expand_conv.weight": torch.zeros(4, 34)}, "3 dimensions"),
     ("short-storage", lambda: _videopose3d_state_dict((3,), 4), "expected size"),
 ])  # fmt: skip
+@pytest.mark.fault(
+    "Evaluation",
+    "`load_videopose3d`: stride-0 tensors claiming 20,000 channels; channels > 4096, kernel > 9, "
+    "> 8 blocks, a non-tensor entry, a stored tensor shorter than its shape",
+    injected="a VideoPose3D state dict crafted each way, under 5 MB on disk",
+)
 def test_a_hostile_checkpoint_is_refused_before_any_layer_is_built(tmp_path, monkeypatch, name,
-                                                                   make, needle):  # fmt: skip
+                                                                   make, needle,
+                                                                   observed):  # fmt: skip
     """Shapes are bounded and tensors must hold their elements before the model is built (the
     stride-0 file used to allocate 4.8 GB per layer); one line naming the file."""
     import finetune.heads.lift.videopose3d as vp
@@ -263,6 +279,7 @@ def test_a_hostile_checkpoint_is_refused_before_any_layer_is_built(tmp_path, mon
     message = str(err.value)
     assert message.startswith(f"{path}: ") and needle in message and "\n" not in message, message
     assert not built
+    observed(f"{message}; layers built: {len(built)}")
 
 
 # ---------------------------------------------------------------------- training

@@ -190,17 +190,28 @@ def test_saved_rows_load_back_and_predict_what_was_scored(encoder_and_shards, tm
         load_head(tmp_path / "heads" / "nope")
 
 
-def test_bad_input_is_one_clear_error(encoder_and_shards, tmp_path):
+@pytest.mark.fault(
+    "Fine-tuning heads and the demo",
+    "the pose head given an eval split that is not there, a folder that is not an exported "
+    "encoder, label fraction 0, an unknown mode, 0 steps",
+    injected="run_pose / PoseConfig / FullConfig called with each",
+)
+def test_bad_input_is_one_clear_error(encoder_and_shards, tmp_path, observed):
     encoder, shards = encoder_and_shards
-    with pytest.raises(ValueError, match="no 'test' split"):
+    with pytest.raises(ValueError, match="no 'test' split") as err:
         run_pose(encoder, shards, tmp_path, PoseConfig(eval_split="test"), progress=False)
-    with pytest.raises(FileNotFoundError, match="not an exported encoder"):
+    observed(str(err.value))
+    with pytest.raises(FileNotFoundError, match="not an exported encoder") as err:
         run_pose(tmp_path, shards, tmp_path / "o", PoseConfig(), progress=False)
-    with pytest.raises(ValueError, match="label_fractions"):
+    observed(str(err.value))
+    with pytest.raises(ValueError, match="label_fractions") as err:
         PoseConfig(label_fractions=(0.0, 1.0))
-    with pytest.raises(ValueError, match="modes"):
+    observed(str(err.value))
+    with pytest.raises(ValueError, match="modes") as err:
         PoseConfig(modes=("linear",))
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    observed(str(err.value))
+    with pytest.raises(ValueError, match="steps must be >= 1") as err:
         FullConfig(steps=0)
+    observed(str(err.value))
     with pytest.raises(dataclasses.FrozenInstanceError):
         PoseConfig().seed = 3  # type: ignore[misc]

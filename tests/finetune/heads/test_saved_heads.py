@@ -21,6 +21,11 @@ from finetune.heads.pose.model import save_head
 from pretrain.export import MAX_JSON_BYTES, EncoderError
 
 FPS = 50.0
+AREA = "Evaluation"  # of docs/reliability.md (tests/faultlog.py)
+POSE_GPT = (
+    "a Pose-GPT's future_model.json damaged like a pose head's, layers 100000, width 2^20, "
+    "max_frames 10^12, fps -1 or NaN; its weights damaged as a pose head's"
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +153,8 @@ GPT = {
 }  # fmt: skip
 
 
-def _check(load, files: dict[str, Path], damage, which: str, needle: str) -> None:
+def _check(load, files: dict[str, Path], damage, which: str, needle: str) -> str:
+    """Load, damage, load again: the error (returned) is one line naming the file."""
     load()  # intact: loads
     damage(files[which])
     with pytest.raises(EncoderError) as err:
@@ -157,20 +163,29 @@ def _check(load, files: dict[str, Path], damage, which: str, needle: str) -> Non
     assert isinstance(err.value, ValueError)  # the command line's one line, exit code 2
     assert message.startswith(f"{files[which]}: ") and needle in message, message
     assert "\n" not in message and len(message) < 400
+    return f"{type(err.value).__name__}: {message}"
 
 
+@pytest.mark.fault(
+    AREA,
+    "a pose head's .json invalid, binary, over 1 MiB, 200k deep, a list, unknown or missing "
+    "fields, sizes of 10^9; its .safetensors cut, empty, NaN, -inf, a tensor missing, mis-shaped "
+    "or unexpected, head.std all 0",
+    injected="the saved head's file damaged one way per case (26 kinds)",
+)  # fmt: skip
 @pytest.mark.parametrize("name", HEAD)
-def test_a_damaged_pose_head_is_one_line_naming_the_file(head, name):
+def test_a_damaged_pose_head_is_one_line_naming_the_file(head, name, observed):
     damage, which, needle = HEAD[name]
     files = {"json": head.with_suffix(".json"), "weights": head.with_suffix(".safetensors")}
-    _check(lambda: load_head(head), files, damage, which, needle)
+    observed(_check(lambda: load_head(head), files, damage, which, needle))
 
 
+@pytest.mark.fault(AREA, POSE_GPT, injected="the saved model's file damaged one way per case")
 @pytest.mark.parametrize("name", GPT)
-def test_a_damaged_pose_gpt_is_one_line_naming_the_file(gpt, name):
+def test_a_damaged_pose_gpt_is_one_line_naming_the_file(gpt, name, observed):
     damage, which, needle = GPT[name]
     files = {"json": gpt / fut.CONFIG, "weights": gpt / fut.WEIGHTS}
-    _check(lambda: fut.load_model(gpt), files, damage, which, needle)
+    observed(_check(lambda: fut.load_model(gpt), files, damage, which, needle))
 
 
 def test_intact_files_load_back_the_same_model(head, regressor, gpt):
@@ -184,15 +199,22 @@ def test_intact_files_load_back_the_same_model(head, regressor, gpt):
         fut.load_model(gpt / "nope")
 
 
-def test_a_backbone_weights_path_in_a_pose_head_is_not_read(head, tmp_path):
+@pytest.mark.fault(AREA, "a backbone weights path written into a saved pose head's .json",
+                   injected="encoder.backbone.weights set to a path beside the head")  # fmt: skip
+def test_a_backbone_weights_path_in_a_pose_head_is_not_read(head, tmp_path, observed):
     """The saved weights hold the backbone: a path written into the JSON is never opened."""
     marker = tmp_path / "elsewhere.safetensors"
     _edit_json(head.with_suffix(".json"),
                lambda m: m["encoder"]["backbone"].update(weights=str(marker)))  # fmt: skip
     assert load_head(head).model.encoder.cfg.backbone.weights is None
+    observed(f"loaded; backbone weights path {load_head(head).model.encoder.cfg.backbone.weights}, "
+             f"file created: {marker.exists()}")  # fmt: skip
 
 
-def test_pose_gpt_positions_are_bounded_when_built():
+@pytest.mark.fault(AREA, POSE_GPT, injected="a PoseGPT built for MAX_FRAMES + 1 positions at "
+                   "1000 fps")  # fmt: skip
+def test_pose_gpt_positions_are_bounded_when_built(observed):
     """A horizon long enough at a high frame rate fails naming the bound, not in an allocation."""
-    with pytest.raises(ValueError, match=f"not 1..{MAX_FRAMES}"):
+    with pytest.raises(ValueError, match=f"not 1..{MAX_FRAMES}") as err:
         fut.PoseGPT(FutureConfig(width=32, layers=1), MAX_FRAMES + 1, 1000.0)
+    observed(f"{type(err.value).__name__}: {err.value}")
