@@ -12,6 +12,8 @@ from test_bad_input import ALL, SHARD1, members, read_all, write_members
 from data_shards.manifest import Manifest, ManifestError, sha256_file
 from data_shards.write import WriterConfig, write_split
 
+AREA = "Shards and the reader"  # of docs/reliability.md (tests/faultlog.py)
+
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
@@ -23,7 +25,10 @@ def pristine(tmp_path_factory):
     return root / "train"
 
 
-def test_a_sample_repeated_in_its_shard_ends_that_shard_counted(pristine, tmp_path, caplog):
+@pytest.mark.fault(AREA, "a sample written twice in its shard (a faulty writer)",
+                   injected="k0005's members appended again at the end of shard 1, rehashed")
+def test_a_sample_repeated_in_its_shard_ends_that_shard_counted(pristine, tmp_path, caplog,
+                                                                observed):  # fmt: skip
     split = shutil.copytree(pristine, tmp_path / "train")
     items = members(split / SHARD1)
     again = [(n, d) for n, d in items if n.startswith("k0005.")]
@@ -31,10 +36,14 @@ def test_a_sample_repeated_in_its_shard_ends_that_shard_counted(pristine, tmp_pa
     keys, reader = read_all(split)  # the manifest rewritten to match: a faulty writer
     assert keys == ALL  # every sample once
     assert reader.errors["bad_shards"] == 1
-    assert any("sample key 'k0005' appears twice" in r.getMessage() for r in caplog.records)
+    warned = [r.getMessage() for r in caplog.records if "appears twice" in r.getMessage()]
+    observed(f"{len(keys)} delivered, bad_shards={reader.errors['bad_shards']}: {warned[0]}")
+    assert "sample key 'k0005' appears twice" in warned[0]
 
 
-def test_a_shard_listed_twice_under_another_name_is_refused(pristine, tmp_path):
+@pytest.mark.fault(AREA, "a shard listed twice under another name (its samples twice)",
+                   injected="a copy of shard 1 added to the manifest with its true hash")
+def test_a_shard_listed_twice_under_another_name_is_refused(pristine, tmp_path, observed):
     split = shutil.copytree(pristine, tmp_path / "train")
     shutil.copy(split / SHARD1, split / "shard-000099.tar")
     doc = json.loads((split / "manifest.json").read_text())
@@ -43,5 +52,7 @@ def test_a_shard_listed_twice_under_another_name_is_refused(pristine, tmp_path):
     doc["shards"].append(entry)
     doc["samples"] += entry["samples"]
     (split / "manifest.json").write_text(json.dumps(doc))
-    with pytest.raises(ManifestError, match=r"first_key: 'k0004' also begins 'shard-000001.tar'"):
+    with pytest.raises(ManifestError, match=r"first_key: 'k0004' also begins 'shard-000001.tar'"
+                       ) as err:  # fmt: skip
         Manifest.load(split)
+    observed(f"ManifestError: {err.value}")
