@@ -120,7 +120,7 @@ def test_perplexity_gradient_is_finite_where_a_probability_is_exactly_zero():
     assert (marginal == 0).any()
     perplexity = _perplexity(marginal)
     perplexity.backward()
-    assert math.isclose(float(perplexity), 1.0 + 3.0, rel_tol=1e-5)
+    assert math.isclose(perplexity.item(), 1.0 + 3.0, rel_tol=1e-5)
     assert torch.isfinite(logits.grad).all()
 
 
