@@ -13,11 +13,13 @@ sees; choose them with ``shards synth --val-clips/--test-clips``):
 - ``same-window-negatives``: half the distractors from the anchor's own window (the same
   clothing and background, other poses beyond the threshold);
 - ``motion-augment`` (not against appearance: more motion): shards with mirrored and 0.8x /
-  1.25x time-warped copies of the train clips.
+  1.25x time-warped copies of the train clips;
+- ``frame-contrast``: a second, frame-level term: every frame (not only the masked ones) must
+  pick the same instant in the other views among the distractors.
 
 The baseline has every lever off; each lever is then added alone; ``all`` has the first four
-on (the demo's pretraining), ``all+same-window-negatives`` and ``all+motion-augment`` add one
-more. Like
+on (the demo's pretraining), ``all+same-window-negatives``, ``all+motion-augment`` and
+``all+frame-contrast`` add one more. Like
 ``posebert demo``, every step is the printed ``posebert`` command, skipped when its output
 exists, so running the ablation again continues. DIR/ablation.json, DIR/ablation.md (one table
 per held-out set, with the command of every row) and DIR/ablation.png (the share of the
@@ -55,6 +57,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "all+same-window-negatives": (*BEST_LEVERS, "same-window-negatives"),
     "+motion-augment": ("motion-augment",),
     "all+motion-augment": (*BEST_LEVERS, "motion-augment"),
+    "all+frame-contrast": (*BEST_LEVERS, "frame-contrast"),
     # the seed's comparison: negatives x background mask, and the quantizer
     "gt_pose": (),
     "gt_pose+mask": ("background-mask",),
@@ -69,7 +72,8 @@ four against appearance, the demo's pretraining)."""
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "levers": ("baseline", *(f"+{lever}" for lever in APPEARANCE_LEVERS), "all",
-               "all+same-window-negatives", "+motion-augment", "all+motion-augment"),
+               "all+same-window-negatives", "+motion-augment", "all+motion-augment",
+               "all+frame-contrast"),
     "comparison": ("gt_pose", "gt_pose+mask", "uniform", "uniform+mask", "cosine",
                    "cosine+mask", "gt_pose+mask+quantizer"),
 }  # fmt: skip

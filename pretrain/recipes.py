@@ -135,6 +135,13 @@ def _lever_same_window_negatives(cfg: RunConfig, on: bool) -> RunConfig:
     return replace(cfg, objective=replace(cfg.objective, negatives=negatives))
 
 
+def _lever_frame_contrast(cfg: RunConfig, on: bool) -> RunConfig:
+    """Every frame, not only the masked ones, must pick the same instant's other views among
+    the distractors (``objective.frame_weight``; Sermanet et al. 2018's multi-view
+    time-contrastive loss on the frame latents)."""
+    return replace(cfg, objective=replace(cfg.objective, frame_weight=1.0 if on else 0.0))
+
+
 def _negatives_kind(kind: str) -> Callable[[RunConfig, bool], RunConfig]:
     """A switch to ``kind`` negatives (off: the recipe's kind, untouched)."""
 
@@ -148,10 +155,12 @@ def _negatives_kind(kind: str) -> Callable[[RunConfig, bool], RunConfig]:
 
 
 CPU_QUANTIZER = QuantizerConfig(enabled=True, groups=2, entries=320, dim=64,
-                                temperature=(2.0, 0.5, 0.995))  # fmt: skip
+                                temperature=(2.0, 0.5, 0.995), logit_init="unit")  # fmt: skip
 """The ``quantizer`` switch: wav2vec 2.0's product quantizer (2 codebooks of 320 entries), its
 Gumbel temperature decayed from 2 to 0.5 over about 280 steps (the CPU runs' length) instead
-of wav2vec's 400k."""
+of wav2vec's 400k, and logits of unit variance at the start: with wav2vec 2.0's unit-normal
+projection the codebooks collapsed to 3-4 of the 640 entries within 26 steps (docs/results.md,
+"The seed's comparison")."""
 
 
 def _switch_quantizer(cfg: RunConfig, on: bool) -> RunConfig:
@@ -166,6 +175,7 @@ LEVERS: dict[str, Callable[[RunConfig, bool], RunConfig]] = {
     "span-mask": _lever_span_mask,
     "same-window-negatives": _lever_same_window_negatives,
     "motion-augment": _lever_motion_augment,
+    "frame-contrast": _lever_frame_contrast,
     "uniform-negatives": _negatives_kind("uniform"),
     "cosine-negatives": _negatives_kind("cosine"),
     "quantizer": _switch_quantizer,

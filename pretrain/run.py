@@ -30,6 +30,10 @@ def run_pretrain(cfg: RunConfig, out_dir: str | os.PathLike) -> int:
                       cfg.data.train)  # fmt: skip
     if cfg.model.backbone.background_mask and not reader.layout.has.get("masks"):
         raise ValueError(f"model.backbone.background_mask: {cfg.data.train} has no masks")
+    views = min(cfg.data.views or reader.layout.views, reader.layout.views)
+    if cfg.objective.frame_weight > 0 and views < 2:
+        raise ValueError(f"objective.frame_weight: {cfg.data.train} gives {views} view per "
+                         "sample; the frame term needs 2 or more")  # fmt: skip
     seed_everything(seed, 0)  # the same initial weights on every rank and every run
     task = PretrainTask(cfg.model, cfg.objective, seed=seed, rank=env.rank,
                         gather=dist.all_gather_with_grad)  # fmt: skip

@@ -22,6 +22,7 @@ from pretrain.objectives import (
     contrastive_loss,
     identity_gather,
 )
+from pretrain.objectives.contrastive import FRAME_TERM_WITH_CODES
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class PretrainTask(nn.Module):
         self.seed, self.rank, self.gather = seed, rank, gather
         self.collapse = CollapseMonitor()
         self.quantized = model.quantizer.enabled
+        if self.quantized and objective.frame_weight > 0:
+            raise ValueError(FRAME_TERM_WITH_CODES)
 
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         generator = step_generator(self.seed, step, self.rank)

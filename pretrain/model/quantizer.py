@@ -34,6 +34,12 @@ class QuantizerConfig:
     4096): the codebooks hold ``entries * dim`` values."""
     temperature: tuple[float, float, float] = (2.0, 0.5, 0.999995)
     """Gumbel temperature (start, end, decay per step): ``max(start * decay**step, end)``."""
+    logit_init: str = "wav2vec2"
+    """Initial scale of the projection from a latent to the G x V logits. ``wav2vec2``: unit
+    normal weights, as wav2vec 2.0 (on layer-normed latents of width D the logits start with a
+    standard deviation of about sqrt(D), 11 at D = 128, so the Gumbel softmax is one-hot from
+    the first step); ``unit``: normal weights of standard deviation 1/sqrt(D), logits of about
+    unit variance, so the early assignments are soft and spread over the entries."""
 
     def __post_init__(self) -> None:
         self.temperature = tuple(float(t) for t in self.temperature)
@@ -46,10 +52,15 @@ class QuantizerConfig:
             "entries": 2 <= self.entries <= 16384,
             "dim": 1 <= self.dim <= 4096 and self.dim % max(self.groups, 1) == 0,
             "temperature": schedule_ok,
+            "logit_init": self.logit_init in LOGIT_INITS,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"QuantizerConfig.{name}: invalid value {getattr(self, name)!r}")
+
+
+LOGIT_INITS = ("wav2vec2", "unit")
+"""Choices of :attr:`QuantizerConfig.logit_init`."""
 
 
 def gumbel_temperature(step: int, cfg: QuantizerConfig) -> float:
@@ -81,8 +92,10 @@ class GumbelProductQuantizer(nn.Module):
         self.cfg = cfg
         G, V = cfg.groups, cfg.entries
         self.logits = nn.Linear(input_dim, G * V)
-        # wav2vec2's initialisation: unit-normal logit projection, uniform entries.
-        nn.init.normal_(self.logits.weight, 0.0, 1.0)
+        # wav2vec2's initialisation: unit-normal logit projection, uniform entries; or logits of
+        # unit variance on unit-variance inputs (QuantizerConfig.logit_init)
+        std = 1.0 if cfg.logit_init == "wav2vec2" else input_dim**-0.5
+        nn.init.normal_(self.logits.weight, 0.0, std)
         nn.init.zeros_(self.logits.bias)
         self.codebook = nn.Parameter(torch.empty(G, V, cfg.dim // G).uniform_())
 

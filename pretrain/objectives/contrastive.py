@@ -19,6 +19,14 @@ Learning", eq. 2-3, their L_out and L_in):
   positive (in practice the frame's own view) wins, so the other views add little pressure.
 
 Both reduce to the single-positive loss with one view or ``multiview_positives=False``.
+
+An optional second term acts on the frames themselves rather than on masked predictions
+(``frame_weight``): the multi-view time-contrastive loss of Sermanet et al. 2018 ("Time-
+Contrastive Networks"). Every frame's target is an anchor; its positives are the targets of the
+same instant in the other views (other cameras, and other appearances with appearance-swapped
+shards); its distractors are drawn by the same sampler from every frame of the pool (with
+``same_window``, the other instants of its own window: the same clothing and background in
+another pose). Each of the B x V x T frames then gets a gradient, not only the ~30% masked.
 Shapes: context, targets (B, V, T, P); mask (B, V, T), True = masked; pose3d (B, T, J, 3) mm.
 """
 
@@ -47,6 +55,10 @@ MAX_DIVERSITY_WEIGHT = 100.0
 """A thousand times wav2vec 2.0's 0.1: beyond it the diversity term is the whole loss (and an
 infinite weight makes every step non-finite)."""
 
+FRAME_TERM_WITH_CODES = ("objective.frame_weight compares continuous targets; it cannot be used "
+                         "with the quantizer (model.quantizer.enabled)")  # fmt: skip
+"""The one-line refusal of the frame term over quantizer codes."""
+
 _MASKED_LOGIT = -1e9
 """Logit of an unusable distractor slot: exp() is exactly 0 in float32 and, unlike -inf, a row
 with no usable distractor still has a finite gradient."""
@@ -73,6 +85,10 @@ class ContrastiveConfig:
     """alpha: total = contrastive + alpha * diversity, when a quantizer supplies a diversity loss
     (wav2vec 2.0 uses 0.1); in [0, 100] (:data:`MAX_DIVERSITY_WEIGHT`)."""
 
+    frame_weight: float = 0.0
+    """beta: total += beta * the frame-level multi-view term (see the module docstring; 0: off).
+    Needs two or more views per sample and continuous targets (no quantizer); in [0, 100]."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.negatives, NegativeConfig):
             raise ValueError(f"negatives must be a NegativeConfig, got {self.negatives!r}")
@@ -80,6 +96,9 @@ class ContrastiveConfig:
             raise ValueError(f"temperature must be in (0, 10], got {self.temperature!r}")
         if self.multi_positive not in ("mean", "sum"):
             raise ValueError(f"multi_positive must be 'mean' or 'sum', got {self.multi_positive!r}")
+        if not 0 <= self.frame_weight <= MAX_DIVERSITY_WEIGHT:
+            raise ValueError(f"frame_weight must be in [0, {MAX_DIVERSITY_WEIGHT:g}], "
+                             f"got {self.frame_weight!r}")  # fmt: skip
         if not 0 <= self.diversity_weight <= MAX_DIVERSITY_WEIGHT:
             raise ValueError(f"diversity_weight must be in [0, {MAX_DIVERSITY_WEIGHT:g}], "
                              f"got {self.diversity_weight!r}")  # fmt: skip
@@ -101,11 +120,14 @@ def _check_shapes(context: Tensor, targets: Tensor, mask: Tensor, pose3d: Tensor
         raise ValueError(f"pose3d must be (B={B}, T={T}, J, 3), got {tuple(pose3d.shape)}")
 
 
-def _positive_rows(mask: Tensor, multiview: bool) -> Tensor:
-    """(A, Vp) local rows of each anchor's positives, its own view first."""
+def _positive_rows(mask: Tensor, multiview: bool, own: bool = True) -> Tensor:
+    """(A, Vp) local rows of each anchor's positives, its own view first (``own=False``: the
+    other views only)."""
     B, V, T = mask.shape
     b, v, t = mask.nonzero().unbind(1)  # anchors in (B, V, T) order, as in make_pool
-    views = (v[:, None] + torch.arange(V if multiview else 1, device=mask.device)) % V
+    first = 0 if own else 1
+    shifts = torch.arange(first, V if multiview else 1, device=mask.device)
+    views = (v[:, None] + shifts) % V
     return (b[:, None] * V + views) * T + t[:, None]
 
 
@@ -207,9 +229,46 @@ def contrastive_loss(
         loss_c = (context.sum() + targets.sum()).float() * 0.0
     loss_d = diversity.float() if diversity is not None else loss_c.new_zeros(())
     total = loss_c + config.diversity_weight * loss_d
+    frame: dict[str, Tensor] = {}
+    if config.frame_weight > 0:
+        if quantized:
+            raise ValueError(FRAME_TERM_WITH_CODES)
+        frame = _frame_term(targets, pose3d, config, generator, gather, rank)
+        total = total + config.frame_weight * frame["loss_frame"]
     scores = _Scores(pos_sim, neg_sim, pos_logit, neg_logit, used)
     metrics = _metrics((total, loss_c, loss_d), scores, pool, sample, neg_cfg.pose_threshold_mm)
+    metrics.update({k: float(v.detach()) for k, v in frame.items()})
     return total, metrics
+
+
+def _frame_term(
+    targets: Tensor,
+    pose3d: Tensor | None,
+    config: ContrastiveConfig,
+    generator: torch.Generator,
+    gather: GatherFn,
+    rank: int,
+) -> dict[str, Tensor]:
+    """The frame-level multi-view term: ``loss_frame`` (with gradient) and ``frame_accuracy``
+    (share of frames whose nearest other-view target beats every distractor)."""
+    B, V, T, _ = targets.shape
+    if V < 2:
+        raise ValueError(f"objective.frame_weight needs 2 or more views per sample, the batch "
+                         f"has {V}")  # fmt: skip
+    every = torch.ones(B, V, T, dtype=torch.bool, device=targets.device)
+    pool = make_pool(targets, every, pose3d, gather=gather, rank=rank)
+    sample = sample_negatives(config.negatives, pool, generator)
+    unit = F.normalize(pool.targets.float(), dim=-1)  # (M, P)
+    anchor = unit[pool.anchors]  # (A, P)
+    pos_unit = unit[pool.offset + _positive_rows(every, True, own=False)]  # (A, V - 1, P)
+    neg_unit = unit[sample.index]  # (A, K, P)
+    used = sample.valid & ~(neg_unit == anchor[:, None]).all(dim=-1)
+    pos_logit = torch.einsum("ap,avp->av", anchor, pos_unit) / config.temperature
+    neg_logit = torch.einsum("ap,akp->ak", anchor, neg_unit) / config.temperature
+    neg_logit = neg_logit.masked_fill(~used, _MASKED_LOGIT)
+    loss = _info_nce(pos_logit, neg_logit, config.multi_positive).mean()
+    beats = pos_logit.max(dim=1).values > neg_logit.max(dim=1).values
+    return {"loss_frame": loss, "frame_accuracy": beats.float().mean()}
 
 
 @torch.no_grad()

@@ -103,6 +103,7 @@ def test_temperature_schedule():
         ({"dim": 7}, "dim"),
         ({"temperature": (0.5, 2.0, 0.9)}, "temperature"),
         ({"temperature": (2.0, 0.5)}, "temperature"),
+        ({"logit_init": "xavier"}, "logit_init"),
     ],
 )
 def test_config_validation(kw, field):
@@ -144,3 +145,21 @@ def test_a_collapsed_codebook_is_no_free_solution_of_the_contrastive_task():
     assert mq["negatives_per_anchor"] == 3 and m["negatives_per_anchor"] == 0
     assert float(frames) < 1e-3
     assert math.isclose(float(codes), math.log(1 + 3), rel_tol=1e-3)
+
+
+def test_unit_logit_init_gives_unit_variance_logits_and_soft_early_assignments():
+    """wav2vec 2.0's unit-normal projection on layer-normed latents of width D gives logits of
+    standard deviation ~sqrt(D), a one-hot Gumbel softmax from step 1; ``unit`` gives ~1."""
+    D, cfg = 128, QuantizerConfig(enabled=True, groups=2, entries=320, dim=64)
+    x = torch.nn.functional.layer_norm(torch.randn(4096, D), (D,))
+    stds, peak = {}, {}
+    for init in ("wav2vec2", "unit"):
+        torch.manual_seed(0)
+        q = GumbelProductQuantizer(D, QuantizerConfig(**{**vars(cfg), "logit_init": init}))
+        with torch.no_grad():
+            logits = q.logits(x)
+        stds[init] = logits.std().item()
+        # each frame's largest soft assignment at the starting temperature 2
+        peak[init] = (logits.view(-1, 2, 320) / 2.0).softmax(-1).amax(-1).mean().item()
+    assert 9 < stds["wav2vec2"] < 13 and 0.8 < stds["unit"] < 1.2
+    assert peak["wav2vec2"] > 0.5 and peak["unit"] < 0.02  # near one-hot vs spread

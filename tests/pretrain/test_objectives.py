@@ -521,3 +521,53 @@ def test_collapse_warnings():
     lines = [monitor.update(m) for m in (bad, bad, healthy, bad, bad, bad, bad, bad, bad)]
     assert [line is not None for line in lines] == [False] * 5 + [True, False, False, True]
     assert lines[-1].endswith("for 6 steps")
+
+
+# --- the frame-level multi-view term -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_frame_term_matches_hand_computation(weight):
+    """Every frame of every view is an anchor; positive: the same instant in the other view;
+    distractors (uniform): the other frames of its own sequence."""
+    ctx, tgt, mask = _hand_case(V=2)
+    args = (torch.tensor(ctx), torch.tensor(tgt), torch.tensor(mask))
+    plain, _ = contrastive_loss(*args, ContrastiveConfig(temperature=0.2), generator=_gen())
+    cfg = ContrastiveConfig(temperature=0.2, frame_weight=weight)
+    loss, metrics = contrastive_loss(*args, cfg, generator=_gen())
+    q = tgt[0]
+    expected = [_np_info_nce(q[v, i], [q[1 - v, i]], [q[v, j] for j in range(3) if j != i],
+                             0.2, "mean") for v in range(2) for i in range(3)]  # fmt: skip
+    assert metrics["loss_frame"] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + weight * np.mean(expected), rel=1e-5)
+    beats = [_np_cos(q[v, i], q[1 - v, i]) > max(_np_cos(q[v, i], q[v, j]) for j in range(3)
+                                                 if j != i) for v in range(2) for i in range(3)]
+    assert metrics["frame_accuracy"] == pytest.approx(np.mean(beats))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_frame_term_reaches_every_frame_and_is_off_by_default(kind):
+    context, targets, mask, pose3d = _batch(seed=4)
+    _, metrics = contrastive_loss(context, targets, mask, ContrastiveConfig(
+        negatives=NegativeConfig(kind=kind, num=8)), generator=_gen(), pose3d=pose3d)
+    assert "loss_frame" not in metrics
+    none = torch.zeros_like(mask)  # no masked frame: the masked-prediction term is a zero
+    targets.requires_grad_(True)
+    cfg = ContrastiveConfig(negatives=NegativeConfig(kind=kind, num=8), frame_weight=1.0)
+    loss, metrics = contrastive_loss(context, targets, none, cfg, generator=_gen(), pose3d=pose3d)
+    loss.backward()
+    assert (targets.grad.abs().sum(-1) > 0).all()  # every frame of every view
+    assert np.isfinite(metrics["loss_frame"]) and 0 <= metrics["frame_accuracy"] <= 1
+    assert loss.item() == pytest.approx(metrics["loss_frame"], rel=1e-6)
+
+
+def test_frame_term_needs_views_and_continuous_targets():
+    context, targets, mask, pose3d = _batch(V=1)
+    cfg = ContrastiveConfig(frame_weight=1.0)
+    with pytest.raises(ValueError, match="2 or more views"):
+        contrastive_loss(context, targets, mask, cfg, generator=_gen())
+    context, targets, mask, pose3d = _batch(V=2)
+    with pytest.raises(ValueError, match="quantizer"):
+        contrastive_loss(context, targets, mask, cfg, generator=_gen(), quantized=True)
+    with pytest.raises(ValueError, match="frame_weight"):
+        ContrastiveConfig(frame_weight=-1.0)

@@ -124,6 +124,18 @@ def test_gt_pose_without_3d_labels_fails_at_start(tmp_path, observed):
              f"{(tmp_path / 'run' / 'checkpoints').exists()}")  # fmt: skip
 
 
+@pytest.mark.parametrize("sets, message", [
+    (("data.views=1",), "gives 1 view per sample; the frame term needs 2 or more"),
+    (("model.quantizer.enabled=true",), "cannot be used with the quantizer"),
+])
+def test_frame_term_without_views_or_with_codes_fails_at_start(shards, tmp_path, sets, message):
+    r = posebert("pretrain", "--recipe", "debug_cpu", "--out", str(tmp_path / "run"),
+                 "--set", f"data.train={shards / 'train'}", "--set", "objective.frame_weight=1",
+                 *(a for s in sets for a in ("--set", s)))  # fmt: skip
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_debug_cpu_matches_golden_curve_and_exports(shards, tmp_path):
     run = tmp_path / "run"
     data = f"data.train={shards / 'train'}"
