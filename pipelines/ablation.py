@@ -79,7 +79,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 """``--variants`` names that stand for several variants (the default: ``levers``)."""
 
-REFERENCE_ROWS = ("random-init", "raw pixels 16x16", "oracle", "chance")
+REFERENCE_ROWS = ("random-init", "raw pixels 16x16", "oracle", "oracle, viewpoint-free", "chance")
+"""Rows of every retrieval beside the variants' (the viewpoint-free oracle only where the
+retrieval wrote it)."""
 
 
 def parse_variants(text: str | None) -> list[str]:
@@ -193,7 +195,8 @@ def summarize(out: Path, variants: list[str], commands: dict, settings: dict,
         chance = first["rows"]["chance"]["mpjpe"]["top1"]
         oracle = first["rows"]["oracle"]["mpjpe"]["top1"]
         manifest = json.loads((out / "shards" / split / "manifest.json").read_text())
-        reference = {name: _row(first["rows"][name], chance, oracle) for name in REFERENCE_ROWS}
+        reference = {name: _row(first["rows"][name], chance, oracle) for name in REFERENCE_ROWS
+                     if name in first["rows"]}  # fmt: skip
         masked = [label for label in labels if "background-mask" in VARIANTS[_variant(label)]]
         if masked and masked[0] != labels[0]:  # random-init sees masked frames there
             reference["random-init, background mask"] = _row(

@@ -13,7 +13,10 @@ root-relative in each frame's camera coordinates:
 
 Reference rows use the same scoring (:func:`score_neighbours`): ``oracle`` (the gallery frame
 nearest in ground-truth pose, found by FAISS on flattened poses: L2 over all joints, the
-closest proxy of MPJPE an index can rank by) and ``chance`` (random gallery frames, seeded).
+closest proxy of MPJPE an index can rank by), ``oracle, viewpoint-free`` (the same on poses
+turned about the camera's vertical axis to face one way: the best a representation that ignores
+which way the body faces the camera could retrieve, e.g. one trained to match the same instant
+seen from cameras around it) and ``chance`` (random gallery frames, seeded).
 A random-init encoder and raw pixels are just other embeddings (:mod:`finetune.evaluation.embed`).
 
 FAISS GPU indexes return at most :data:`MAX_FETCH` (2048) neighbours per query, so the search
@@ -37,6 +40,7 @@ import faiss
 import numpy as np
 import torch
 
+from data_shards.skeleton import JOINT_INDEX
 from finetune.evaluation.embed import Embeddings
 from finetune.evaluation.metrics import mpjpe, p_mpjpe
 from finetune.evaluation.store import is_complete, open_verified, save_verified, stored_key
@@ -429,6 +433,33 @@ def oracle(query: Embeddings, gallery: Embeddings, config: RetrievalConfig) -> S
     return score_neighbours(query, gallery, nb)
 
 
+L_HIP, R_HIP = JOINT_INDEX["l_hip"], JOINT_INDEX["r_hip"]
+
+
+def facing_one_way(pose3d: np.ndarray) -> np.ndarray:
+    """Root-relative camera-frame poses (N, J, 3) turned about the camera's vertical axis (y)
+    so that each one's right-to-left hip vector, seen from above, points along +x."""
+    pose = pose3d.astype(np.float64)
+    hips = pose[:, L_HIP] - pose[:, R_HIP]  # (N, 3)
+    angle = np.arctan2(hips[:, 2], hips[:, 0])[:, None]  # turn by -angle about y
+    c, s = np.cos(angle), np.sin(angle)
+    out = pose.copy()
+    out[..., 0] = c * pose[..., 0] + s * pose[..., 2]
+    out[..., 2] = -s * pose[..., 0] + c * pose[..., 2]
+    return out.astype(np.float32)
+
+
+def viewpoint_free_oracle(query: Embeddings, gallery: Embeddings,
+                          config: RetrievalConfig) -> Scores:  # fmt: skip
+    """Reference row: nearest gallery frames in pose once both face one way
+    (:func:`facing_one_way`), scored like every row in the query's camera coordinates."""
+    flat = facing_one_way(gallery.pose3d).reshape(len(gallery), -1)
+    index = build_index(flat, "flat", "l2", config.gpu)
+    turned = facing_one_way(query.pose3d).reshape(len(query), -1)
+    _, nb = search(index, turned, config.k, config.chunk, exclusions(query, gallery, config))
+    return score_neighbours(query, gallery, nb)
+
+
 def chance(query: Embeddings, gallery: Embeddings, config: RetrievalConfig) -> Scores:
     """Reference row: k random admissible gallery frames per query (seeded; with replacement
     across the k, which matters only for galleries of a handful of frames)."""
@@ -449,4 +480,6 @@ def chance(query: Embeddings, gallery: Embeddings, config: RetrievalConfig) -> S
 
 def reference_rows(query: Embeddings, gallery: Embeddings,
                    config: RetrievalConfig) -> dict[str, Scores]:  # fmt: skip
-    return {"oracle": oracle(query, gallery, config), "chance": chance(query, gallery, config)}
+    return {"oracle": oracle(query, gallery, config),
+            "oracle, viewpoint-free": viewpoint_free_oracle(query, gallery, config),
+            "chance": chance(query, gallery, config)}  # fmt: skip
