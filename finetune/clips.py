@@ -194,7 +194,9 @@ def read_splits(shards: str | os.PathLike, names: tuple[str, ...] = ("train", "v
         raise ValueError(f"{shards}: no 'train' split (have {', '.join(splits) or 'none'})")
     found = {n: read_sequences(splits[n], n, **kwargs) for n in names if n in splits}
     if len(found) < 2:
-        raise ValueError(f"{shards}: no held-out split ({', '.join(names[1:])}) beside train")
+        asked = ", ".join(n for n in names if n != "train") or "none asked for"
+        raise ValueError(f"{shards}: no held-out split beside train (looked for: {asked}; "
+                         f"the root has: {', '.join(splits)})")  # fmt: skip
     return found
 
 

@@ -27,6 +27,7 @@ same instant in the other views (other cameras, and other appearances with appea
 shards); its distractors are drawn by the same sampler from every frame of the pool (with
 ``same_window``, the other instants of its own window: the same clothing and background in
 another pose). Each of the B x V x T frames then gets a gradient, not only the ~30% masked.
+
 Shapes: context, targets (B, V, T, P); mask (B, V, T), True = masked; pose3d (B, T, J, 3) mm.
 """
 

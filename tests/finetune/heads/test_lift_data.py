@@ -49,6 +49,11 @@ def test_missing_splits_are_named(tmp_path, lift_shards, observed):
         read_splits(tmp_path)
     with pytest.raises(ValueError, match="no held-out split") as train_only:
         read_splits(lift_shards, names=("train",))
+    assert "looked for: none asked for; the root has: " in str(train_only.value)
+    assert "test" in str(train_only.value) and "val" in str(train_only.value)
+    with pytest.raises(ValueError, match=r"looked for: valid;") as misspelt:
+        read_splits(lift_shards, names=("train", "valid"))
+    observed(str(misspelt.value))
     observed(str(none.value))
     observed(str(train_only.value))
 
