@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import faiss
@@ -424,11 +424,13 @@ def retrieve(query: Embeddings, gallery: Embeddings, config: RetrievalConfig,
     return score_neighbours(query, gallery, nb)
 
 
-def oracle(query: Embeddings, gallery: Embeddings, config: RetrievalConfig) -> Scores:
-    """Reference row: nearest gallery frames in ground-truth pose (exact L2 on flat poses)."""
-    flat = gallery.pose3d.reshape(len(gallery), -1)
-    index = build_index(flat, "flat", "l2", config.gpu)
-    _, nb = search(index, query.pose3d.reshape(len(query), -1), config.k, config.chunk,
+def oracle(query: Embeddings, gallery: Embeddings, config: RetrievalConfig,
+           turn: Callable[[np.ndarray], np.ndarray] | None = None) -> Scores:  # fmt: skip
+    """Reference row: nearest gallery frames in ground-truth pose (exact L2 on flat poses,
+    each first mapped by ``turn`` when given), scored in the query's camera coordinates."""
+    poses = [e.pose3d if turn is None else turn(e.pose3d) for e in (gallery, query)]
+    index = build_index(poses[0].reshape(len(gallery), -1), "flat", "l2", config.gpu)
+    _, nb = search(index, poses[1].reshape(len(query), -1), config.k, config.chunk,
                    exclusions(query, gallery, config))  # fmt: skip
     return score_neighbours(query, gallery, nb)
 
@@ -453,11 +455,7 @@ def viewpoint_free_oracle(query: Embeddings, gallery: Embeddings,
                           config: RetrievalConfig) -> Scores:  # fmt: skip
     """Reference row: nearest gallery frames in pose once both face one way
     (:func:`facing_one_way`), scored like every row in the query's camera coordinates."""
-    flat = facing_one_way(gallery.pose3d).reshape(len(gallery), -1)
-    index = build_index(flat, "flat", "l2", config.gpu)
-    turned = facing_one_way(query.pose3d).reshape(len(query), -1)
-    _, nb = search(index, turned, config.k, config.chunk, exclusions(query, gallery, config))
-    return score_neighbours(query, gallery, nb)
+    return oracle(query, gallery, config, turn=facing_one_way)
 
 
 def chance(query: Embeddings, gallery: Embeddings, config: RetrievalConfig) -> Scores:

@@ -218,14 +218,11 @@ def contrastive_loss(
     used = sample.valid
     if not quantized:
         used = used & ~(neg_unit == pos_unit[:, :1]).all(dim=-1)
-    pos_sim = torch.einsum("ap,avp->av", ctx, pos_unit)  # (A, Vp)
-    neg_sim = torch.einsum("ap,akp->ak", ctx, neg_unit)  # (A, K)
-    pos_logit = pos_sim / config.temperature
-    neg_logit = (neg_sim / config.temperature).masked_fill(~used, _MASKED_LOGIT)
+    scores = _score(ctx, pos_unit, neg_unit, used, config.temperature)
 
     num_masked = anchors.shape[0]
     if num_masked:
-        loss_c = _info_nce(pos_logit, neg_logit, config.multi_positive).mean()
+        loss_c = _info_nce(scores.pos_logit, scores.neg_logit, config.multi_positive).mean()
     else:  # nothing masked: a zero that keeps the graph connected
         loss_c = (context.sum() + targets.sum()).float() * 0.0
     loss_d = diversity.float() if diversity is not None else loss_c.new_zeros(())
@@ -236,10 +233,19 @@ def contrastive_loss(
             raise ValueError(FRAME_TERM_WITH_CODES)
         frame = _frame_term(targets, pose3d, config, generator, gather, rank)
         total = total + config.frame_weight * frame["loss_frame"]
-    scores = _Scores(pos_sim, neg_sim, pos_logit, neg_logit, used)
-    metrics = _metrics((total, loss_c, loss_d), scores, pool, sample, neg_cfg.pose_threshold_mm)
-    metrics.update({k: float(v.detach()) for k, v in frame.items()})
+    metrics = _metrics((total, loss_c, loss_d), scores, pool, sample, neg_cfg.pose_threshold_mm,
+                       frame)  # fmt: skip
     return total, metrics
+
+
+def _score(anchor: Tensor, pos_unit: Tensor, neg_unit: Tensor, used: Tensor,
+           temperature: float) -> _Scores:  # fmt: skip
+    """Cosine similarities and logits of (A, P) unit anchors against their (A, Vp, P) positives
+    and (A, K, P) distractors; distractors not ``used`` get :data:`_MASKED_LOGIT`."""
+    pos_sim = torch.einsum("ap,avp->av", anchor, pos_unit)  # (A, Vp)
+    neg_sim = torch.einsum("ap,akp->ak", anchor, neg_unit)  # (A, K)
+    neg_logit = (neg_sim / temperature).masked_fill(~used, _MASKED_LOGIT)
+    return _Scores(pos_sim, neg_sim, pos_sim / temperature, neg_logit, used)
 
 
 def _frame_term(
@@ -264,11 +270,9 @@ def _frame_term(
     pos_unit = unit[pool.offset + _positive_rows(every, True, own=False)]  # (A, V - 1, P)
     neg_unit = unit[sample.index]  # (A, K, P)
     used = sample.valid & ~(neg_unit == anchor[:, None]).all(dim=-1)
-    pos_logit = torch.einsum("ap,avp->av", anchor, pos_unit) / config.temperature
-    neg_logit = torch.einsum("ap,akp->ak", anchor, neg_unit) / config.temperature
-    neg_logit = neg_logit.masked_fill(~used, _MASKED_LOGIT)
-    loss = _info_nce(pos_logit, neg_logit, config.multi_positive).mean()
-    beats = pos_logit.max(dim=1).values > neg_logit.max(dim=1).values
+    scores = _score(anchor, pos_unit, neg_unit, used, config.temperature)
+    loss = _info_nce(scores.pos_logit, scores.neg_logit, config.multi_positive).mean()
+    beats = scores.pos_logit.max(dim=1).values > scores.neg_logit.max(dim=1).values
     return {"loss_frame": loss, "frame_accuracy": beats.float().mean()}
 
 
@@ -279,8 +283,10 @@ def _metrics(
     pool: CandidatePool,
     sample: NegativeSample,
     threshold: float,
+    extra: dict[str, Tensor],
 ) -> dict[str, float]:
-    """Metrics as floats, read back from the device in one transfer."""
+    """Metrics as floats, read back from the device in one transfer (``extra``: more scalars,
+    e.g. the frame term's)."""
     total, loss_c, loss_d = (x.detach().float() for x in losses)
     used = scores.used
     zero = total.new_zeros(())
@@ -298,5 +304,6 @@ def _metrics(
     }
     if pool.pose3d is not None:
         values["negative_purity"] = _purity(pool, sample, used, threshold)
+    values.update({k: v.detach() for k, v in extra.items()})
     stacked = torch.stack([v.float().reshape(()) for v in values.values()]).tolist()
     return dict(zip(values, stacked, strict=True))
